@@ -1,0 +1,1 @@
+"""Drafter config presets shipped with the package (JSON files beside this module)."""

@@ -1,0 +1,66 @@
+"""The encoder KV cache: what the causal encoder writes and the canvas decoder reads."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+# Buffers grow in steps of this many positions so appends rarely reallocate.
+_STEP = 256
+
+
+class LayerCache:
+    """K and V of one layer, in `[B, kv_heads, positions, head_dim]` buffers with spare room at the end.
+
+    `offset` counts every position ever encoded (positions continue from it); `length` is how many are
+    retained. Sliding layers retain the last `window - 1` positions, as the reference's dynamic cache does.
+    The canvas pass writes its K/V into the spare room past `length` without changing either count, so it
+    reads `[retained ; canvas]` without concatenating (copying) the cache on every denoising step.
+    """
+
+    def __init__(self, window: int | None = None):
+        self.keep = window - 1 if window else None
+        self.keys: mx.array | None = None
+        self.values: mx.array | None = None
+        self.length = 0
+        self.offset = 0
+
+    def _write(self, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:
+        n = k.shape[2]
+        end = self.length + n
+        if self.keys is None or self.keys.shape[2] < end:
+            capacity = (end + _STEP - 1) // _STEP * _STEP
+            new_k = mx.zeros((*k.shape[:2], capacity, k.shape[3]), k.dtype)
+            new_v = mx.zeros((*v.shape[:2], capacity, v.shape[3]), v.dtype)
+            if self.length:
+                new_k[..., : self.length, :] = self.keys[..., : self.length, :]
+                new_v[..., : self.length, :] = self.values[..., : self.length, :]
+            self.keys, self.values = new_k, new_v
+        self.keys[..., self.length : end, :] = k
+        self.values[..., self.length : end, :] = v
+        return self.keys[..., :end, :], self.values[..., :end, :]
+
+    def append(self, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:
+        """Store new encoder K/V; return `[retained ; new]` for this call's attention."""
+        keys, values = self._write(k, v)
+        self.offset += k.shape[2]
+        self.length += k.shape[2]
+        if self.keep is not None and self.length > self.keep:
+            start = self.length - self.keep
+            self.keys = self.keys[..., start : self.length, :]
+            self.values = self.values[..., start : self.length, :]
+            self.length = self.keep
+        return keys, values
+
+    def with_canvas(self, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:
+        """Return `[retained ; canvas]` for the decoder; the cache's contents stay as they were."""
+        return self._write(k, v)
+
+    @property
+    def state(self) -> tuple[mx.array, mx.array]:
+        """The retained K and V (for tests and inspection)."""
+        return self.keys[..., : self.length, :], self.values[..., : self.length, :]
+
+
+def cache_offset(cache: list[LayerCache]) -> int:
+    """Number of positions encoded so far (every layer has seen the same tokens)."""
+    return cache[0].offset if cache else 0

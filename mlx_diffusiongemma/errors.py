@@ -1,0 +1,13 @@
+"""User-facing errors: each carries one actionable line, printed by the CLI without a traceback."""
+
+
+class DiffusionGemmaError(Exception):
+    """Base class of every error this package reports to users as a single line."""
+
+
+class CheckpointError(DiffusionGemmaError):
+    """A checkpoint folder, repo id or its files cannot be used (missing, corrupt, mismatched)."""
+
+
+class DrafterConfigError(DiffusionGemmaError):
+    """A drafter config file or preset is missing or invalid."""

@@ -1,0 +1,424 @@
+"""DiffusionGemma text model in MLX: one layer stack run as a causal encoder and a bidirectional decoder.
+
+Module names mirror the Hugging Face checkpoint keys, so loading is drop/rename-free except for what
+`Model.sanitize` does. The math follows transformers' `DiffusionGemmaForBlockDiffusion` (see
+`reference-spec.md`, sections 3, 4 and 8).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
+
+from .cache import LayerCache, cache_offset
+
+SLIDING, FULL = "sliding_attention", "full_attention"
+SOFTCAP = 30.0  # a class attribute in the reference, so never configurable in practice
+_DEFAULT_ROPE = {
+    SLIDING: {"rope_type": "default", "rope_theta": 10000.0},
+    FULL: {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1000000.0},
+}
+# Tensors of the multimodal encoder: a text-only runner never loads them.
+_VISION_PREFIXES = ("model.encoder.vision_tower.", "model.encoder.embed_vision.")
+
+
+@dataclass
+class ModelArgs:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    num_experts: int
+    top_k_experts: int
+    moe_intermediate_size: int
+    global_head_dim: int = 512
+    num_global_key_value_heads: int | None = None
+    sliding_window: int = 512
+    layer_types: list[str] | None = None
+    rope_parameters: dict[str, Any] | None = None
+    rms_norm_eps: float = 1e-6
+    hidden_activation: str = "gelu_pytorch_tanh"
+    use_bidirectional_attention: str | None = None
+    max_position_embeddings: int = 131072
+    pad_token_id: int = 0
+    eos_token_id: int | list[int] = 1
+    bos_token_id: int = 2
+    canvas_length: int = 256
+    encoder_causal: bool = field(default=True, init=False)
+
+    def __post_init__(self):
+        if self.num_global_key_value_heads is None:
+            self.num_global_key_value_heads = self.num_key_value_heads
+        if self.use_bidirectional_attention == "all":
+            # The reference halves the window in memory for a bidirectional encoder.
+            self.encoder_causal = False
+            self.sliding_window = self.sliding_window // 2 + 1
+        if self.layer_types is None:
+            n = self.num_hidden_layers
+            self.layer_types = [FULL if (i + 1) % 6 == 0 else SLIDING for i in range(n)]
+        self.layer_types = list(self.layer_types)
+        self.layer_types[-1] = FULL  # the reference forces the last layer to full attention
+        rope = dict(_DEFAULT_ROPE)
+        rope.update(self.rope_parameters or {})
+        self.rope_parameters = rope
+        if self.hidden_activation not in ("gelu_pytorch_tanh", "gelu_tanh"):
+            raise ValueError(f"unsupported hidden_activation {self.hidden_activation!r}")
+
+    @classmethod
+    def from_config(cls, config: dict) -> "ModelArgs":
+        """Build from a checkpoint `config.json` (hub `global_head_dim` or `per_layer_config` layout)."""
+        text = dict(config.get("text_config", config))
+        per_layer = text.pop("per_layer_config", None) or {}
+        overrides = [v for v in per_layer.values() if isinstance(v, dict)]
+        if overrides:
+            if any(o != overrides[0] for o in overrides):
+                raise ValueError("per_layer_config entries differ between full-attention layers")
+            text.setdefault("global_head_dim", overrides[0].get("head_dim", text.get("head_dim")))
+            kv = overrides[0].get("num_key_value_heads")
+            if kv is not None:
+                text.setdefault("num_global_key_value_heads", kv)
+            elif "head_dim" in overrides[0] and "num_global_key_value_heads" not in text:
+                text["num_global_key_value_heads"] = text.get("num_key_value_heads")
+        if "canvas_length" in config:
+            text["canvas_length"] = config["canvas_length"]
+        known = cls.__dataclass_fields__
+        return cls(**{k: v for k, v in text.items() if k in known and known[k].init})
+
+    def geometry(self, layer: int) -> tuple[int, int]:
+        """(head_dim, kv_heads) of a layer."""
+        if self.layer_types[layer] == FULL:
+            return self.global_head_dim, self.num_global_key_value_heads
+        return self.head_dim, self.num_key_value_heads
+
+
+def rms_norm(x: mx.array, weight: mx.array | None, eps: float) -> mx.array:
+    # The reference normalises in fp32 (weight too) and rounds back once.
+    w = None if weight is None else weight.astype(mx.float32)
+    return mx.fast.rms_norm(x.astype(mx.float32), w, eps).astype(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dims: int, eps: float):
+        super().__init__()
+        self.weight = mx.ones((dims,))
+        self.eps = eps
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return rms_norm(x, self.weight, self.eps)
+
+
+def gelu(x: mx.array) -> mx.array:
+    # Computed in fp32 and rounded once, as torch does for half-precision inputs.
+    return nn.gelu_approx(x.astype(mx.float32)).astype(x.dtype)
+
+
+def inv_frequencies(args: ModelArgs, layer_type: str) -> mx.array:
+    """Per-layer-type RoPE inverse frequencies (`proportional` keeps the full head dim as denominator)."""
+    params = args.rope_parameters[layer_type]
+    dim = args.global_head_dim if layer_type == FULL else args.head_dim
+    theta = params.get("rope_theta", 10000.0)
+    factor = params.get("partial_rotary_factor", 1.0)
+    j = mx.arange(0, dim // 2, dtype=mx.float32)
+    if params.get("rope_type", "default") == "proportional":
+        rotated = int(factor * dim // 2)
+        inv = (1.0 / params.get("factor", 1.0)) / theta ** (2 * j / dim)
+        return mx.where(j < rotated, inv, 0.0)
+    rot_dim = int(dim * factor)
+    inv = 1.0 / theta ** (2 * j / rot_dim)
+    return mx.where(j < rot_dim // 2, inv, 0.0)
+
+
+def rope_tables(inv_freq: mx.array, positions: mx.array, dtype) -> tuple[mx.array, mx.array]:
+    freqs = positions.astype(mx.float32)[:, None] * inv_freq[None, :]
+    emb = mx.concatenate([freqs, freqs], axis=-1)[:, None, :]  # (L, 1, d) against (B, L, heads, d)
+    return mx.cos(emb).astype(dtype), mx.sin(emb).astype(dtype)
+
+
+def apply_rope(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
+    half = x.shape[-1] // 2
+    rotated = mx.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int):
+        super().__init__()
+        self.head_dim, self.n_kv = args.geometry(layer)
+        self.n_heads = args.num_attention_heads
+        h, d = args.hidden_size, self.head_dim
+        self.q_proj = nn.Linear(h, self.n_heads * d, bias=False)
+        self.k_proj = nn.Linear(h, self.n_kv * d, bias=False)
+        if args.layer_types[layer] == SLIDING:
+            self.v_proj = nn.Linear(h, self.n_kv * d, bias=False)  # full layers reuse K as V
+        self.o_proj = nn.Linear(self.n_heads * d, h, bias=False)
+        self.q_norm = RMSNorm(d, args.rms_norm_eps)
+        self.k_norm = RMSNorm(d, args.rms_norm_eps)
+        self.eps = args.rms_norm_eps
+
+    def __call__(self, x, rope, kv_context, mask=None):
+        B, L, _ = x.shape
+        q = apply_rope(self.q_norm(self.q_proj(x).reshape(B, L, self.n_heads, -1)), *rope)
+        raw_k = self.k_proj(x).reshape(B, L, self.n_kv, -1)
+        raw_v = self.v_proj(x).reshape(B, L, self.n_kv, -1) if "v_proj" in self else raw_k
+        k = apply_rope(self.k_norm(raw_k), *rope)
+        v = rms_norm(raw_v, None, self.eps)
+        keys, values = kv_context(k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))
+        out = mx.fast.scaled_dot_product_attention(
+            q.transpose(0, 2, 1, 3), keys, values, scale=1.0, mask=mask
+        )
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, dims: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dims, hidden, bias=False)
+        self.up_proj = nn.Linear(dims, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dims, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(gelu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Router(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.proj = nn.Linear(args.hidden_size, args.num_experts, bias=False)
+        self.scale = mx.ones((args.hidden_size,))
+        self.per_expert_scale = mx.ones((args.num_experts,))
+        self.k = args.top_k_experts
+        self.eps = args.rms_norm_eps
+        self.root = args.hidden_size**-0.5
+
+    def __call__(self, r: mx.array) -> tuple[mx.array, mx.array]:
+        z = rms_norm(r, None, self.eps) * self.scale * self.root
+        probs = mx.softmax(self.proj(z).astype(mx.float32), axis=-1)
+        idx = mx.argpartition(-probs, kth=self.k - 1, axis=-1)[..., : self.k]
+        w = mx.take_along_axis(probs, idx, axis=-1)
+        w = w / w.sum(axis=-1, keepdims=True)
+        return idx, w * self.per_expert_scale[idx]  # fp32 weights, as in the reference
+
+
+def _switch(layer: nn.Module, x: mx.array, idx: mx.array, sort: bool) -> mx.array:
+    if isinstance(layer, QuantizedSwitchLinear) or x.dtype == mx.float32:
+        return layer(x, idx, sorted_indices=sort)
+    if mx.default_device().type != mx.DeviceType.cpu:
+        return layer(x, idx, sorted_indices=sort)
+    # MLX's CPU gather_mm is float32-only: compute in fp32, round like a half-precision matmul would.
+    w = layer.weight.astype(mx.float32).swapaxes(-1, -2)
+    y = mx.gather_mm(x.astype(mx.float32), w, rhs_indices=idx, sorted_indices=sort)
+    return y.astype(x.dtype)
+
+
+class Experts(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        h, m, e = args.hidden_size, args.moe_intermediate_size, args.num_experts
+        self.gate_up_proj = SwitchLinear(h, 2 * m, e, bias=False)  # gate rows, then up rows
+        self.down_proj = SwitchLinear(m, h, e, bias=False)
+
+    def __call__(self, x: mx.array, idx: mx.array, weights: mx.array) -> mx.array:
+        N, k = idx.shape
+        sort = idx.size >= 64  # grouping rows by expert pays off once there are many of them
+        if sort:
+            flat = idx.flatten()
+            order = mx.argsort(flat)
+            xs, ids = x[order // k][:, None, :], flat[order]
+        else:
+            xs, ids = x[:, None, None, :], idx
+        gate, up = mx.split(_switch(self.gate_up_proj, xs, ids, sort), 2, axis=-1)
+        y = _switch(self.down_proj, gelu(gate) * up, ids, sort)
+        y = y[mx.argsort(order)] if sort else y
+        y = y.reshape(N, k, -1).astype(mx.float32)
+        return (y * weights[..., None]).sum(axis=1)  # fp32 accumulation over the top-k experts
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int):
+        super().__init__()
+        h, eps = args.hidden_size, args.rms_norm_eps
+        self.self_attn = Attention(args, layer)
+        self.mlp = MLP(h, args.intermediate_size)
+        self.router = Router(args)
+        self.experts = Experts(args)
+        for name in (
+            "input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+            "post_feedforward_layernorm", "post_feedforward_layernorm_1",
+            "pre_feedforward_layernorm_2", "post_feedforward_layernorm_2",
+        ):
+            setattr(self, name, RMSNorm(h, eps))
+        self.layer_scalar = mx.ones((1,))
+
+    def __call__(self, x, rope, kv_context, mask, scalar):
+        x = x + self.post_attention_layernorm(
+            self.self_attn(self.input_layernorm(x), rope, kv_context, mask)
+        )
+        dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(x)))
+        flat = x.reshape(-1, x.shape[-1])
+        idx, w = self.router(flat)
+        moe = self.experts(self.pre_feedforward_layernorm_2(flat), idx, w)
+        moe = self.post_feedforward_layernorm_2(moe.astype(x.dtype).reshape(x.shape))
+        x = x + self.post_feedforward_layernorm(dense + moe)
+        return x * scalar  # the scalar scales the whole residual stream
+
+
+class SelfConditioning(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.pre_norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+
+    def __call__(self, soft: mx.array) -> mx.array:
+        n = self.pre_norm(soft)
+        return self.down_proj(gelu(self.gate_proj(n)) * self.up_proj(n))
+
+
+class TextDecoder(nn.Module):
+    """`model.decoder`: owns every shared weight (embedding = LM head, layers, final norm)."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = [DecoderLayer(args, i) for i in range(args.num_hidden_layers)]
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.self_conditioning = SelfConditioning(args)
+
+
+class _ScalarOnly(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layer_scalar = mx.ones((1,))
+
+
+class _EncoderText(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.layers = [_ScalarOnly() for _ in range(args.num_hidden_layers)]
+
+
+class _Encoder(nn.Module):
+    """`model.encoder`: its text weights are the decoder's; only the per-layer scalars are its own."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.language_model = _EncoderText(args)
+
+
+class _Stacks(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.decoder = TextDecoder(args)
+        self.encoder = _Encoder(args)
+
+
+class Model(nn.Module):
+    """`DiffusionGemmaForBlockDiffusion`, text only. The model computes logits; it never samples."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model = _Stacks(args)
+        self._inv_freq = {t: inv_frequencies(args, t) for t in (SLIDING, FULL)}
+
+    @property
+    def layers(self) -> list[DecoderLayer]:
+        return self.model.decoder.layers
+
+    def make_cache(self) -> list[LayerCache]:
+        """A fresh encoder KV cache, one entry per layer."""
+        w = self.args.sliding_window
+        return [LayerCache(w if t == SLIDING else None) for t in self.args.layer_types]
+
+    def _embed(self, ids: mx.array) -> mx.array:
+        e = self.model.decoder.embed_tokens(ids)
+        # The reference casts sqrt(H) to the weight dtype first (53.0, not 53.07, in bf16).
+        return e * mx.array(math.sqrt(self.args.hidden_size), dtype=e.dtype)
+
+    def _ropes(self, start: int, n: int, dtype) -> dict[str, tuple[mx.array, mx.array]]:
+        pos = mx.arange(start, start + n)
+        return {t: rope_tables(f, pos, dtype) for t, f in self._inv_freq.items()}
+
+    def _encoder_mask(self, c: LayerCache, n: int, layer_type: str) -> mx.array:
+        q = mx.arange(c.offset, c.offset + n)[:, None]
+        k = mx.arange(c.offset - c.length, c.offset + n)[None, :]
+        mask = k <= q if self.args.encoder_causal else mx.ones((n, c.length + n), dtype=mx.bool_)
+        if layer_type == SLIDING:
+            mask = mask & (k > q - self.args.sliding_window)
+        return mask
+
+    def encode(self, input_ids: mx.array, cache: list[LayerCache]) -> None:
+        """Causal encoder over `[B, L]` new tokens: appends their K/V to `cache`, positions continuing."""
+        x = self._embed(input_ids)  # the encoder input is not normalised, unlike the decoder's
+        n = input_ids.shape[1]
+        ropes = self._ropes(cache_offset(cache), n, x.dtype)
+        scalars = self.model.encoder.language_model.layers
+        masks: dict[str, mx.array] = {}
+        for i, layer in enumerate(self.layers):
+            t = self.args.layer_types[i]
+            if t not in masks:
+                masks[t] = self._encoder_mask(cache[i], n, t)
+            x = layer(x, ropes[t], cache[i].append, masks[t], scalars[i].layer_scalar)
+
+    def soft_embedding(self, logits: mx.array, dtype) -> mx.array:
+        """Expected input embedding under softmax(logits), scaled like `embed_tokens`."""
+        probs = mx.softmax(logits.astype(mx.float32), axis=-1).astype(dtype)
+        emb = self.model.decoder.embed_tokens
+        if isinstance(emb, nn.QuantizedEmbedding):
+            soft = mx.quantized_matmul(
+                probs, emb.weight, emb.scales, emb.get("biases"), transpose=False,
+                group_size=emb.group_size, bits=emb.bits, mode=emb.mode,
+            )
+        else:
+            soft = probs @ emb.weight
+        return soft * mx.array(math.sqrt(self.args.hidden_size), dtype=dtype)
+
+    def decode(
+        self,
+        canvas_ids: mx.array,
+        cache: list[LayerCache],
+        self_conditioning_logits: mx.array | None = None,
+    ) -> mx.array:
+        """Bidirectional canvas pass over `[cache ; canvas]`; returns `[B, C, V]` fp32 softcapped logits.
+
+        The cache is read, never advanced. `self_conditioning_logits` are the previous step's
+        temperature-scaled logits (None on a canvas's first step).
+        """
+        dec = self.model.decoder
+        e = self._embed(canvas_ids)
+        if self_conditioning_logits is not None:
+            e = e + dec.self_conditioning(self.soft_embedding(self_conditioning_logits, e.dtype))
+        # With no self-conditioning the signal is exactly zero, so only the no-scale norm remains.
+        x = rms_norm(e, None, self.args.rms_norm_eps)
+        ropes = self._ropes(cache_offset(cache), canvas_ids.shape[1], x.dtype)
+        for i, layer in enumerate(self.layers):
+            t = self.args.layer_types[i]
+            x = layer(x, ropes[t], cache[i].with_canvas, None, layer.layer_scalar)
+        logits = dec.embed_tokens.as_linear(dec.norm(x)).astype(mx.float32)
+        return SOFTCAP * mx.tanh(logits / SOFTCAP)
+
+    @staticmethod
+    def sanitize(weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        """Map checkpoint tensors onto this module tree: drop vision and tied copies, name expert weights."""
+        out = {}
+        for key, value in weights.items():
+            if key.startswith(_VISION_PREFIXES) or key == "lm_head.weight" or "rotary_emb" in key:
+                continue
+            if key.startswith("model.encoder.language_model.") and not key.endswith("layer_scalar"):
+                continue  # tied to model.decoder.*, present only in un-deduplicated saves
+            if key.endswith(("experts.gate_up_proj", "experts.down_proj")):
+                key += ".weight"
+            out[key] = value
+        return out
+
+
+__all__ = ["ModelArgs", "Model", "LayerCache"]
