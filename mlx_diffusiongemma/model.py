@@ -99,8 +99,16 @@ class ModelArgs:
         return self.head_dim, self.num_key_value_heads
 
 
+HALF = (mx.bfloat16, mx.float16)
+
+
+def _wide(x: mx.array) -> mx.array:
+    """At least fp32: half precision is widened, wider types kept."""
+    return x.astype(mx.float32) if x.dtype in HALF else x
+
+
 def rms_norm(x: mx.array, weight: mx.array | None, eps: float) -> mx.array:
-    # The reference normalises in fp32 (weight too) and rounds back once.
+    # The reference normalises in fp32 (weight too), whatever the model dtype, and rounds back once.
     w = None if weight is None else weight.astype(mx.float32)
     return mx.fast.rms_norm(x.astype(mx.float32), w, eps).astype(x.dtype)
 
@@ -117,7 +125,7 @@ class RMSNorm(nn.Module):
 
 def gelu(x: mx.array) -> mx.array:
     # Computed in fp32 and rounded once, as torch does for half-precision inputs.
-    return nn.gelu_approx(x.astype(mx.float32)).astype(x.dtype)
+    return nn.gelu_approx(_wide(x)).astype(x.dtype)
 
 
 def inv_frequencies(args: ModelArgs, layer_type: str) -> mx.array:
@@ -208,9 +216,8 @@ class Router(nn.Module):
 
 
 def _switch(layer: nn.Module, x: mx.array, idx: mx.array, sort: bool) -> mx.array:
-    if isinstance(layer, QuantizedSwitchLinear) or x.dtype == mx.float32:
-        return layer(x, idx, sorted_indices=sort)
-    if mx.default_device().type != mx.DeviceType.cpu:
+    on_cpu = mx.default_device().type == mx.DeviceType.cpu
+    if isinstance(layer, QuantizedSwitchLinear) or not on_cpu or x.dtype == mx.float32:
         return layer(x, idx, sorted_indices=sort)
     # MLX's CPU gather_mm is float32-only: compute in fp32, round like a half-precision matmul would.
     w = layer.weight.astype(mx.float32).swapaxes(-1, -2)
@@ -237,7 +244,7 @@ class Experts(nn.Module):
         gate, up = mx.split(_switch(self.gate_up_proj, xs, ids, sort), 2, axis=-1)
         y = _switch(self.down_proj, gelu(gate) * up, ids, sort)
         y = y[mx.argsort(order)] if sort else y
-        y = y.reshape(N, k, -1).astype(mx.float32)
+        y = _wide(y.reshape(N, k, -1))
         return (y * weights[..., None]).sum(axis=1)  # fp32 accumulation over the top-k experts
 
 
@@ -329,6 +336,11 @@ class Model(nn.Module):
         self.args = args
         self.model = _Stacks(args)
         self._inv_freq = {t: inv_frequencies(args, t) for t in (SLIDING, FULL)}
+
+    @property
+    def dtype(self):
+        """The activation dtype (that of the norm weights, also for quantized checkpoints)."""
+        return self.model.decoder.norm.weight.dtype
 
     @property
     def layers(self) -> list[DecoderLayer]:

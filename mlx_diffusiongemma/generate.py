@@ -1,0 +1,265 @@
+"""The denoising loop (canvas drafter + commit pass) and the Python generation API.
+
+`denoise` is the one generator that drives the model; `stream_generate` adds the tokenizer, limits and
+statistics; `generate` collects a string. Spec: reference-spec.md section 5.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+
+from . import sampler
+from .cache import LayerCache
+from .drafter import DrafterConfig, resolve_drafter
+from .model import Model
+from .noise import MLXNoise, NoiseSource
+
+PREFILL_STEP = 2048
+
+
+@dataclass
+class DenoiseEvent:
+    """What `denoise` yields: a draft after every step, and each committed canvas."""
+
+    kind: str  # "draft" | "commit"
+    tokens: mx.array  # draft: the current argmax canvas; commit: the committed canvas, pad after EOS
+    canvas: int
+    steps: int  # decoder passes so far in this canvas
+    finished: mx.array | None = None  # commit: bool [B], rows that have emitted EOS
+
+
+def prefill(model: Model, ids: mx.array, cache: list[LayerCache], step: int = PREFILL_STEP) -> None:
+    """Encode `ids` [B, L] into `cache` in chunks, so long prompts never build one L x L attention."""
+    for start in range(0, ids.shape[1], step):
+        model.encode(ids[:, start : start + step], cache)
+        mx.eval([c.keys for c in cache] + [c.values for c in cache])
+
+
+def _accept(drafter: DrafterConfig, ent: mx.array, top_p: mx.array) -> mx.array:
+    if drafter.acceptance == "confidence":
+        return sampler.confidence_accept(top_p, drafter.confidence_accept_threshold)
+    return sampler.entropy_bound_accept(ent, drafter.entropy_bound)
+
+
+def denoise_canvas(model: Model, cache, drafter: DrafterConfig, noise: NoiseSource, batch: int):
+    """Draft one canvas: yields `(argmax canvas, steps)` after every decoder pass; the last is committed."""
+    N, V, C = drafter.max_denoising_steps, model.args.vocab_size, drafter.canvas_length
+    x = noise.randint((batch, C), V)
+    sc, argmax, history = None, x, ()
+    done = mx.zeros((batch,), dtype=mx.bool_)
+    for n in range(N, 0, -1):
+        logits = model.decode(x, cache, sc) / sampler.temperature(n, N, drafter.t_min, drafter.t_max)
+        sample = noise.categorical(logits)
+        new_argmax, ent, top_p = sampler.token_stats(logits)
+        x_new = sampler.renoise(sample, _accept(drafter, ent, top_p), noise.randint((batch, C), V))
+        if drafter.adaptive_stop:
+            # Rows that already stopped keep their canvas, argmax and self-conditioning (reference 1.c.iv).
+            new_argmax = mx.where(done[:, None], argmax, new_argmax)
+            x_new = mx.where(done[:, None], x, x_new)
+            if sc is not None:
+                logits = mx.where(done[:, None, None], sc, logits)
+            stop, history = sampler.stop_test(
+                new_argmax, history, ent, drafter.stability_threshold, drafter.confidence_threshold
+            )
+            done = done | stop
+        sc = logits.astype(model.dtype)  # the next step self-conditions on these, rounded like the weights
+        x, argmax = x_new, new_argmax
+        mx.eval(x, argmax, sc, done)
+        yield argmax, N - n + 1
+        if drafter.adaptive_stop and done.all().item():  # the one host sync a step needs
+            return
+
+
+def denoise(
+    model: Model,
+    prompt_ids: mx.array,
+    drafter: DrafterConfig,
+    noise: NoiseSource,
+    num_canvases: int,
+    eos_ids: Sequence[int],
+    pad_id: int | None,
+    cache: list[LayerCache] | None = None,
+    prefill_step: int = PREFILL_STEP,
+) -> Iterator[DenoiseEvent]:
+    """Prefill the prompt, then draft and commit up to `num_canvases` canvases (stops early on EOS).
+
+    Each committed canvas (the argmax of its last step, padded after EOS) is encoded at the start of the
+    next one, at the positions it was drafted at; the last canvas is never encoded, as in the reference.
+    """
+    cache = model.make_cache() if cache is None else cache
+    batch = prompt_ids.shape[0]
+    prefill(model, prompt_ids, cache, prefill_step)
+    finished = mx.zeros((batch,), dtype=mx.bool_)
+    committed = None
+    for index in range(num_canvases):
+        if committed is not None:
+            model.encode(committed, cache)
+        argmax, steps = None, 0
+        for argmax, steps in denoise_canvas(model, cache, drafter, noise, batch):
+            yield DenoiseEvent("draft", argmax, index, steps)
+        committed, has_eos = sampler.finalize_eos(argmax, eos_ids, pad_id, finished)
+        finished = finished | has_eos
+        mx.eval(committed, finished)
+        yield DenoiseEvent("commit", committed, index, steps, finished)
+        if finished.all().item():
+            return
+
+
+@dataclass
+class GenerationResponse:
+    """One streamed update: newly committed text (or a draft preview) plus running statistics."""
+
+    text: str = ""
+    tokens: list[int] = field(default_factory=list)
+    draft: list[int] | None = None
+    canvas: int = 0
+    step: int = 0
+    prompt_tokens: int = 0
+    prompt_tps: float = 0.0
+    generation_tokens: int = 0
+    generation_tps: float = 0.0
+    canvases: int = 0
+    steps_per_canvas: list[int] = field(default_factory=list)
+    total_steps: int = 0
+    tokens_per_forward: float = 0.0
+    peak_memory: float = 0.0
+    finish_reason: str | None = None
+    drafter: str = ""
+    seed: int = 0
+
+
+def prompt_to_ids(tokenizer, prompt, chat_template: bool = True, chat_template_kwargs=None) -> list[int]:
+    """A string (chat template applied unless told not to), a list of chat messages, or token ids."""
+    if isinstance(prompt, mx.array):
+        return prompt.reshape(-1).tolist()
+    if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+        return list(prompt)
+    if isinstance(prompt, str) and not chat_template:
+        return tokenizer.encode(prompt)
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    return list(
+        tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, **(chat_template_kwargs or {})
+        )
+    )
+
+
+def _eos_ids(model: Model, tokenizer) -> list[int]:
+    ids = list(getattr(tokenizer, "eos_token_ids", None) or [])
+    gen = getattr(model, "generation_config", {}) or {}
+    extra = gen.get("eos_token_id")
+    for i in extra if isinstance(extra, list) else [extra]:
+        if isinstance(i, int) and i not in ids:
+            ids.append(i)
+    return ids
+
+
+def _pad_id(model: Model) -> int:
+    pad = (getattr(model, "generation_config", None) or {}).get("pad_token_id")
+    return model.args.pad_token_id if pad is None else pad
+
+
+def stream_generate(
+    model: Model,
+    tokenizer,
+    prompt: str | list[dict[str, Any]] | list[int] | mx.array,
+    *,
+    max_tokens: int = 256,
+    drafter: DrafterConfig | str | Path | None = None,
+    seed: int | None = None,
+    noise: NoiseSource | None = None,
+    chat_template: bool = True,
+    chat_template_kwargs: dict[str, Any] | None = None,
+    draft_preview: bool = False,
+    prefill_step: int = PREFILL_STEP,
+) -> Iterator[GenerationResponse]:
+    """Generate text canvas by canvas, yielding each newly committed piece with running statistics.
+
+    Args:
+        model, tokenizer: from `mlx_diffusiongemma.load`.
+        prompt: a string (the chat template is applied unless `chat_template=False`), a list of chat
+            messages, or token ids.
+        max_tokens: the most tokens returned; canvases are drafted whole, as in the reference, and the
+            text is cut at this length (`finish_reason == "length"`).
+        drafter: a `DrafterConfig`, a preset name (`reference`, `fast`) or a JSON path; default `reference`.
+        seed: seeds the default random source; None picks one (reported in `response.seed`).
+        noise: an explicit random source (overrides `seed`), e.g. `NumpyNoise` for replay.
+        draft_preview: also yield a response after every denoising step, with `draft` set to the
+            current argmax canvas (for live views).
+
+    Yields:
+        `GenerationResponse`; the last one has `finish_reason` "stop" (EOS) or "length".
+    """
+    if not isinstance(drafter, DrafterConfig):
+        drafter = resolve_drafter(drafter, getattr(model, "generation_config", None), model.args.canvas_length)
+    seed = secrets.randbits(31) if seed is None else seed
+    noise = MLXNoise(seed) if noise is None else noise
+    ids = prompt_to_ids(tokenizer, prompt, chat_template, chat_template_kwargs)
+    if max_tokens < 1:
+        raise ValueError("max_tokens must be at least 1")
+    detok = tokenizer.detokenizer
+    detok.reset()
+    eos = _eos_ids(model, tokenizer)
+    stats = GenerationResponse(prompt_tokens=len(ids), drafter=drafter.name, seed=seed)
+    mx.reset_peak_memory()
+    tic = time.perf_counter()
+    events = denoise(
+        model, mx.array([ids]), drafter, noise, math.ceil(max_tokens / drafter.canvas_length),
+        eos, _pad_id(model), prefill_step=prefill_step,
+    )
+    gen_start = None
+    for event in events:
+        if gen_start is None:  # the first event comes after the prefill
+            gen_start = time.perf_counter()
+            stats.prompt_tps = len(ids) / max(gen_start - tic, 1e-9)
+        stats.canvas, stats.step = event.canvas, event.steps
+        if event.kind == "draft":
+            if draft_preview:
+                yield _snapshot(stats, draft=event.tokens[0].tolist())
+            continue
+        stats.canvases += 1
+        stats.steps_per_canvas.append(event.steps)
+        stats.total_steps += event.steps
+        new, hit_eos = _new_tokens(event.tokens[0].tolist(), eos, max_tokens - stats.generation_tokens)
+        for t in new:
+            detok.add_token(t)
+        stats.generation_tokens += len(new)
+        stats.tokens_per_forward = stats.generation_tokens / max(stats.total_steps, 1)
+        stats.generation_tps = stats.generation_tokens / max(time.perf_counter() - gen_start, 1e-9)
+        stats.peak_memory = mx.get_peak_memory() / 1e9
+        done = hit_eos or stats.generation_tokens >= max_tokens
+        if done:
+            detok.finalize()
+            stats.finish_reason = "stop" if hit_eos else "length"
+        yield _snapshot(stats, text=detok.last_segment, tokens=new)
+        if done:
+            return
+    stats.finish_reason = "length"  # only reached when max_tokens exceeds what the canvases held
+    detok.finalize()
+    yield _snapshot(stats, text=detok.last_segment)
+
+
+def _new_tokens(canvas: list[int], eos: Sequence[int], room: int) -> tuple[list[int], bool]:
+    for i, t in enumerate(canvas):
+        if t in eos:
+            return canvas[: min(i, room)], i <= room
+    return canvas[:room], False
+
+
+def _snapshot(stats: GenerationResponse, **changes) -> GenerationResponse:
+    from dataclasses import replace
+
+    return replace(stats, steps_per_canvas=list(stats.steps_per_canvas), **changes)
+
+
+def generate(model: Model, tokenizer, prompt, **kwargs) -> str:
+    """Generate and return the whole text (keyword arguments as for `stream_generate`)."""
+    return "".join(r.text for r in stream_generate(model, tokenizer, prompt, **kwargs) if r.draft is None)

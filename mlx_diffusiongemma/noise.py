@@ -1,0 +1,66 @@
+"""Injectable randomness for the denoising loop: every random number it uses comes from one source.
+
+The loop draws, in order: the initial canvas (`randint`), then per step a categorical sample of every
+position (`categorical`) and fresh re-noise ids (`randint`). That is the reference's order of
+`torch.randint` / `torch.multinomial` calls, so a test can feed both implementations the same numbers.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import mlx.core as mx
+import numpy as np
+
+
+class NoiseSource(Protocol):
+    def randint(self, shape: tuple[int, ...], high: int) -> mx.array:
+        """Uniform ids in `[0, high)`."""
+
+    def categorical(self, logits: mx.array) -> mx.array:
+        """One draw per position from softmax(logits) over the last axis: [B, C, V] -> [B, C]."""
+
+
+class MLXNoise:
+    """The default: MLX's counter-based generator, seeded, on device (no host round trips)."""
+
+    def __init__(self, seed: int):
+        self.key = mx.random.key(seed)
+
+    def _next(self) -> mx.array:
+        self.key, sub = mx.random.split(self.key)
+        return sub
+
+    def randint(self, shape: tuple[int, ...], high: int) -> mx.array:
+        return mx.random.randint(0, high, shape, dtype=mx.int32, key=self._next())
+
+    def categorical(self, logits: mx.array) -> mx.array:
+        return mx.random.categorical(logits, axis=-1, key=self._next()).astype(mx.int32)
+
+
+def inverse_cdf(probs: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """Index i with cdf[i-1] <= u * total < cdf[i], per row of `probs` [N, V] (float64 cumsum)."""
+    cdf = np.cumsum(probs.astype(np.float64), axis=-1)
+    target = u * cdf[:, -1]
+    idx = (cdf <= target[:, None]).sum(axis=-1)
+    return np.minimum(idx, probs.shape[-1] - 1)
+
+
+class NumpyNoise:
+    """A NumPy stream, for replaying exactly the numbers another implementation consumed (parity tests).
+
+    Categorical draws use inverse-CDF sampling with one uniform per position; `inverse_cdf` is the same
+    rule applied on the other side.
+    """
+
+    def __init__(self, seed: int | np.random.Generator):
+        self.rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+
+    def randint(self, shape: tuple[int, ...], high: int) -> mx.array:
+        return mx.array(self.rng.integers(0, high, size=shape), dtype=mx.int32)
+
+    def categorical(self, logits: mx.array) -> mx.array:
+        probs = np.array(mx.softmax(logits.astype(mx.float32), axis=-1))
+        flat = probs.reshape(-1, probs.shape[-1])
+        idx = inverse_cdf(flat, self.rng.random(flat.shape[0]))
+        return mx.array(idx.reshape(probs.shape[:-1]), dtype=mx.int32)
