@@ -53,6 +53,61 @@ def info(
     )
 
 
+DEFAULT_MODEL = "mlx-community/diffusiongemma-26B-A4B-it-4bit"
+
+
+@app.command()
+def generate(
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Checkpoint folder or Hugging Face repo id."),
+    prompt: str = typer.Option(..., "--prompt", "-p", help="The prompt; '-' reads it from standard input."),
+    system_prompt: Optional[str] = typer.Option(None, "--system-prompt", help="A system message (chat template)."),
+    max_tokens: int = typer.Option(256, "--max-tokens", help="Most tokens to generate (canvases stay whole)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed; default: a fresh one, printed with --verbose."),
+    drafter: str = typer.Option("reference", "--drafter", help="Drafter preset (reference, fast) or a JSON file."),
+    ignore_chat_template: bool = typer.Option(False, "--ignore-chat-template", help="Feed the prompt as raw text."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, bfloat16 or float16 (default: the checkpoint's)."),
+    verbose: bool = typer.Option(True, "--verbose/--quiet", help="Print statistics after the text."),
+):
+    """Generate text for one prompt, printing it as each canvas commits."""
+    from .generate import stream_generate
+    from .loader import load
+
+    text = sys.stdin.read() if prompt == "-" else prompt
+    if ignore_chat_template:
+        if system_prompt:
+            raise typer.BadParameter("--system-prompt needs the chat template", param_hint="--system-prompt")
+        request = text
+    else:
+        request = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
+            {"role": "user", "content": text}
+        ]
+    m, tokenizer = load(model, dtype=dtype)
+    last = None
+    for last in stream_generate(
+        m, tokenizer, request, max_tokens=max_tokens, drafter=drafter, seed=seed,
+        chat_template=not ignore_chat_template,
+    ):
+        typer.echo(last.text, nl=False)
+        sys.stdout.flush()
+    typer.echo()
+    if verbose and last is not None:
+        _print_stats(last)
+
+
+def _print_stats(r) -> None:
+    steps = "/".join(str(s) for s in r.steps_per_canvas)
+    typer.echo("=" * 10, err=True)
+    typer.echo(f"Prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.3f} tokens-per-sec", err=True)
+    typer.echo(f"Generation: {r.generation_tokens} tokens, {r.generation_tps:.3f} tokens-per-sec", err=True)
+    typer.echo(f"Peak memory: {r.peak_memory:.3f} GB", err=True)
+    typer.echo(
+        f"Diffusion: {r.canvases} canvases, steps per canvas {steps} ({r.total_steps} decoder passes), "
+        f"{r.tokens_per_forward:.2f} tokens per forward, drafter {r.drafter}, seed {r.seed}, "
+        f"finish {r.finish_reason}",
+        err=True,
+    )
+
+
 def main() -> None:
     from .errors import DiffusionGemmaError
 

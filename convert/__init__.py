@@ -1,0 +1,1 @@
+"""Hugging Face to MLX conversion (`mlx-diffusiongemma convert`)."""

@@ -1,0 +1,145 @@
+"""The Python API and CLI on tiny checkpoints: determinism, finish reasons, drafter stats, loader errors."""
+
+import json
+import subprocess
+import sys
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from checkpoints import build_checkpoint
+from figures import record
+from mlx_diffusiongemma import load, stream_generate
+from mlx_diffusiongemma.drafter import resolve_drafter
+from mlx_diffusiongemma.errors import CheckpointError
+from mlx_diffusiongemma.generate import denoise
+from mlx_diffusiongemma.noise import MLXNoise
+
+
+def _cli(*args, stdin=None):
+    return subprocess.run(
+        [sys.executable, "-m", "mlx_diffusiongemma", *args], capture_output=True, text=True, input=stdin,
+        timeout=300,
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_ckpt):
+    return load(tiny_ckpt)
+
+
+def test_same_seed_same_text_across_processes(tiny_ckpt):
+    args = ("generate", "--model", str(tiny_ckpt), "--prompt", "hello", "--max-tokens", "12", "--seed", "7", "--quiet")
+    first, second = _cli(*args), _cli(*args)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout == second.stdout and first.stdout.strip()
+    other = _cli(*args[:-3], "8", "--quiet")
+    assert other.stdout != first.stdout
+
+
+def test_different_seeds_draw_different_canvases(tiny):
+    model, _ = tiny
+    drafter = resolve_drafter("reference", model.generation_config, model.args.canvas_length)
+    prompt = mx.array([[2, 105, 20, 30, 40]])
+
+    def first_draft(seed):
+        return next(denoise(model, prompt, drafter, MLXNoise(seed), 1, [1], 0)).tokens.tolist()
+
+    assert first_draft(1) == first_draft(1)
+    assert first_draft(1) != first_draft(2)
+
+
+def test_max_tokens_reports_length(tiny):
+    model, tokenizer = tiny
+    responses = list(stream_generate(model, tokenizer, "count to ten", max_tokens=5, seed=0))
+    last = responses[-1]
+    assert last.finish_reason == "length" and last.generation_tokens == 5
+    assert sum(len(r.tokens) for r in responses) == 5
+    assert last.drafter == "reference" and last.canvases == 1 and last.steps_per_canvas == [last.total_steps]
+
+
+def test_eos_reports_stop_and_no_text_after_it(tmp_path):
+    # A wide EOS set makes an EOS land inside the first canvas for this seed.
+    path = build_checkpoint(tmp_path, seed=2)
+    config = json.loads((path / "generation_config.json").read_text())
+    config["eos_token_id"] = [1, 106, 50] + list(range(200, 400))
+    config["max_denoising_steps"] = 4
+    (path / "generation_config.json").write_text(json.dumps(config))
+    model, tokenizer = load(path)
+    eos = set(config["eos_token_id"])
+    for seed in range(5):
+        responses = list(stream_generate(model, tokenizer, "hi", max_tokens=64, seed=seed))
+        tokens = [t for r in responses for t in r.tokens]
+        assert not eos & set(tokens)
+        if responses[-1].finish_reason == "stop":
+            assert len(tokens) < 64
+            assert responses[-1].text == tokenizer.decode(tokens)[len("".join(r.text for r in responses[:-1])):]
+            return
+    pytest.fail("no seed emitted EOS: the stop case was not exercised")
+
+
+def test_draft_preview_and_fast_preset(tiny):
+    model, tokenizer = tiny
+    steps = {}
+    for preset in ("reference", "fast"):
+        responses = list(
+            stream_generate(model, tokenizer, "hi", max_tokens=16, seed=3, drafter=preset, draft_preview=True)
+        )
+        drafts = [r for r in responses if r.draft is not None]
+        assert drafts and all(len(r.draft) == model.args.canvas_length for r in drafts)
+        final = responses[-1]
+        assert final.drafter == preset and len(drafts) == final.total_steps
+        steps[preset] = final.total_steps / final.canvases
+    record("mean steps per canvas on a random tiny model (reference, fast)", f"{steps['reference']}, {steps['fast']}")
+    assert steps["fast"] <= 16
+
+
+def _corrupt(path, kind):
+    shard = next(path.glob("*.safetensors"))
+    if kind == "truncated":
+        data = shard.read_bytes()
+        shard.write_bytes(data[: len(data) // 2])
+    elif kind == "missing shard":
+        index = {"weight_map": {"model.decoder.norm.weight": "model-00002-of-00002.safetensors"}}
+        (path / "model.safetensors.index.json").write_text(json.dumps(index))
+    elif kind == "pickle only":
+        shard.unlink()
+        (path / "pytorch_model.bin").write_bytes(b"not loaded")
+    elif kind == "wrong shape":
+        from safetensors.numpy import load_file, save_file
+
+        tensors = load_file(shard)
+        tensors["model.decoder.norm.weight"] = np.ones(7, dtype=np.float32)
+        save_file(tensors, shard)
+    elif kind == "config mismatch":
+        config = json.loads((path / "config.json").read_text())
+        config["text_config"]["moe_intermediate_size"] = 16
+        (path / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize(
+    "kind, words",
+    [
+        ("truncated", "truncated"),
+        ("missing shard", "missing"),
+        ("pickle only", "pickle"),
+        ("wrong shape", "model.decoder.norm.weight"),
+        ("config mismatch", "experts"),
+    ],
+)
+def test_loader_errors_are_one_line(tmp_path, kind, words):
+    path = build_checkpoint(tmp_path / "ckpt", seed=0, num_layers=3, tokenizer=False)
+    _corrupt(path, kind)
+    with pytest.raises(CheckpointError, match=words):
+        load(path)
+    result = _cli("info", "--model", str(path))
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_version_and_help():
+    assert _cli("--version").stdout.startswith("mlx-diffusiongemma ")
+    assert "generate" in _cli("--help").stdout
