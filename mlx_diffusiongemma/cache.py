@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import mlx.core as mx
 
 # Buffers grow in steps of this many positions so appends rarely reallocate.
@@ -64,3 +66,26 @@ class LayerCache:
 def cache_offset(cache: list[LayerCache]) -> int:
     """Number of positions encoded so far (every layer has seen the same tokens)."""
     return cache[0].offset if cache else 0
+
+
+@dataclass
+class PromptCache:
+    """A conversation's encoder cache and the token ids it holds, reused across chat turns.
+
+    `stream_generate` encodes only the tokens a new prompt adds after `tokens`; when the new prompt does not
+    start with exactly those tokens (a template rewrote history), it starts over. `layers` is None whenever
+    the cache may be incomplete (before the first turn, or after an interrupted one).
+    """
+
+    layers: list[LayerCache] | None = None
+    tokens: list[int] = field(default_factory=list)
+
+    def reusable_prefix(self, ids: list[int]) -> int:
+        """How many leading ids are already encoded (0 when the cache cannot be extended to `ids`)."""
+        n = len(self.tokens)
+        if self.layers is None or n == 0 or n >= len(ids) or ids[:n] != self.tokens:
+            return 0
+        return n
+
+    def reset(self) -> None:
+        self.layers, self.tokens = None, []

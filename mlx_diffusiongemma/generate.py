@@ -17,7 +17,7 @@ from typing import Any
 import mlx.core as mx
 
 from . import sampler
-from .cache import LayerCache
+from .cache import LayerCache, PromptCache
 from .drafter import DrafterConfig, resolve_drafter
 from .model import Model
 from .noise import MLXNoise, NoiseSource
@@ -123,6 +123,7 @@ class GenerationResponse:
     canvas: int = 0
     step: int = 0
     prompt_tokens: int = 0
+    prompt_cached: int = 0  # leading prompt tokens reused from a PromptCache (not encoded again)
     prompt_tps: float = 0.0
     generation_tokens: int = 0
     generation_tps: float = 0.0
@@ -180,6 +181,7 @@ def stream_generate(
     chat_template_kwargs: dict[str, Any] | None = None,
     draft_preview: bool = False,
     prefill_step: int = PREFILL_STEP,
+    prompt_cache: PromptCache | None = None,
 ) -> Iterator[GenerationResponse]:
     """Generate text canvas by canvas, yielding each newly committed piece with running statistics.
 
@@ -194,6 +196,8 @@ def stream_generate(
         noise: an explicit random source (overrides `seed`), e.g. `NumpyNoise` for replay.
         draft_preview: also yield a response after every denoising step, with `draft` set to the
             current argmax canvas (for live views).
+        prompt_cache: a conversation's `PromptCache`; only the prompt tokens after what it holds are
+            encoded, and it is updated to hold this turn (all canvases but the last, never encoded).
 
     Yields:
         `GenerationResponse`; the last one has `finish_reason` "stop" (EOS) or "length".
@@ -208,27 +212,34 @@ def stream_generate(
     detok = tokenizer.detokenizer
     detok.reset()
     eos = _eos_ids(model, tokenizer)
-    stats = GenerationResponse(prompt_tokens=len(ids), drafter=drafter.name, seed=seed)
+    prompt_cache = PromptCache() if prompt_cache is None else prompt_cache
+    reused = prompt_cache.reusable_prefix(ids)
+    layers = prompt_cache.layers if reused else model.make_cache()
+    prompt_cache.layers = None  # incomplete until this generation finishes cleanly
+    stats = GenerationResponse(prompt_tokens=len(ids), prompt_cached=reused, drafter=drafter.name, seed=seed)
     mx.reset_peak_memory()
     tic = time.perf_counter()
     events = denoise(
-        model, mx.array([ids]), drafter, noise, math.ceil(max_tokens / drafter.canvas_length),
-        eos, _pad_id(model), prefill_step=prefill_step,
+        model, mx.array([ids[reused:]]), drafter, noise, math.ceil(max_tokens / drafter.canvas_length),
+        eos, _pad_id(model), cache=layers, prefill_step=prefill_step,
     )
-    gen_start = None
+    gen_start, encoded = None, list(ids)
     for event in events:
         if gen_start is None:  # the first event comes after the prefill
             gen_start = time.perf_counter()
-            stats.prompt_tps = len(ids) / max(gen_start - tic, 1e-9)
+            stats.prompt_tps = (len(ids) - reused) / max(gen_start - tic, 1e-9)
         stats.canvas, stats.step = event.canvas, event.steps
         if event.kind == "draft":
             if draft_preview:
                 yield _snapshot(stats, draft=event.tokens[0].tolist())
             continue
+        if stats.canvases:  # the previous canvas is encoded now (the loop does it before this one)
+            encoded += last_canvas
+        last_canvas = event.tokens[0].tolist()
         stats.canvases += 1
         stats.steps_per_canvas.append(event.steps)
         stats.total_steps += event.steps
-        new, hit_eos = _new_tokens(event.tokens[0].tolist(), eos, max_tokens - stats.generation_tokens)
+        new, hit_eos = _new_tokens(last_canvas, eos, max_tokens - stats.generation_tokens)
         for t in new:
             detok.add_token(t)
         stats.generation_tokens += len(new)
@@ -239,10 +250,12 @@ def stream_generate(
         if done:
             detok.finalize()
             stats.finish_reason = "stop" if hit_eos else "length"
+            prompt_cache.layers, prompt_cache.tokens = layers, encoded
         yield _snapshot(stats, text=detok.last_segment, tokens=new)
         if done:
             return
     stats.finish_reason = "length"  # only reached when max_tokens exceeds what the canvases held
+    prompt_cache.layers, prompt_cache.tokens = layers, encoded
     detok.finalize()
     yield _snapshot(stats, text=detok.last_segment)
 

@@ -143,3 +143,32 @@ def test_loader_errors_are_one_line(tmp_path, kind, words):
 def test_version_and_help():
     assert _cli("--version").stdout.startswith("mlx-diffusiongemma ")
     assert "generate" in _cli("--help").stdout
+
+
+def test_prompt_cache_encodes_only_new_tokens(tiny):
+    from mlx_diffusiongemma.cache import PromptCache
+    from mlx_diffusiongemma.generate import prefill
+
+    model, tokenizer = tiny
+    C = model.args.canvas_length
+    cache = PromptCache()
+    ids1 = [2, 105, 30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 106, 105, 41]
+    first = list(stream_generate(model, tokenizer, ids1, max_tokens=2 * C, seed=1, prompt_cache=cache))
+    assert first[-1].prompt_cached == 0
+    # All canvases but the last were encoded; the last never is (as in the reference).
+    assert cache.tokens[: len(ids1)] == ids1 and len(cache.tokens) == len(ids1) + C * (first[-1].canvases - 1)
+
+    ids2 = cache.tokens + [106, 105, 50, 51, 52]
+    second = list(stream_generate(model, tokenizer, ids2, max_tokens=C, seed=2, prompt_cache=cache))
+    assert second[-1].prompt_cached == len(ids2) - 5  # only the 5 new tokens were encoded
+    fresh = model.make_cache()
+    prefill(model, mx.array([ids2]), fresh)
+    assert cache.tokens == ids2
+    for a, b in zip(fresh, cache.layers):
+        assert a.offset == b.offset == len(ids2)
+        assert float(mx.abs(a.state[0] - b.state[0]).max()) < 1e-4
+        assert float(mx.abs(a.state[1] - b.state[1]).max()) < 1e-4
+
+    rewritten = [2, 105, 99] + ids2[3:]  # history changed: the cache must not be reused
+    third = list(stream_generate(model, tokenizer, rewritten, max_tokens=C, seed=3, prompt_cache=cache))
+    assert third[-1].prompt_cached == 0 and cache.tokens == rewritten
