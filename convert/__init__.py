@@ -1,1 +1,5 @@
-"""Hugging Face to MLX conversion (`mlx-diffusiongemma convert`)."""
+"""`mlx_diffusiongemma.convert`: turn a DiffusionGemma checkpoint into a text-only MLX folder."""
+
+from .convert import ConversionOptionError, convert
+
+__all__ = ["convert", "ConversionOptionError"]

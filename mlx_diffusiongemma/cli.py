@@ -108,6 +108,43 @@ def _print_stats(r) -> None:
     )
 
 
+@app.command()
+def convert(
+    hf_path: str = typer.Option(..., "--hf-path", help="Source checkpoint: a Hugging Face folder or Hub repo id."),
+    mlx_path: str = typer.Option(..., "--mlx-path", help="Output folder (must not exist unless --force)."),
+    dtype: Optional[str] = typer.Option(
+        None, "--dtype", help="float32, bfloat16 or float16 for the float tensors (default: the checkpoint's)."
+    ),
+    quantize: bool = typer.Option(False, "--quantize", "-q", help="Quantize the weights (see --q-recipe)."),
+    q_bits: int = typer.Option(4, "--q-bits", help="Bits per quantized weight: 4, 6 or 8 (mxfp4: 4)."),
+    q_group_size: Optional[int] = typer.Option(
+        None, "--q-group-size", help="Quantization group size: 32, 64 or 128 (default: 64; mxfp4: 32)."
+    ),
+    q_mode: str = typer.Option("affine", "--q-mode", help="Quantization mode: affine or mxfp4."),
+    q_recipe: str = typer.Option(
+        "mixed", "--q-recipe",
+        help="mixed: embedding, attention, dense MLP and router at 8 bits, the rest at --q-bits; "
+        "uniform: everything at --q-bits.",
+    ),
+    force: bool = typer.Option(False, "--force", help="Replace --mlx-path if it already exists."),
+):
+    """Convert a checkpoint to a text-only MLX folder (sharded safetensors, optionally quantized)."""
+    from mlx_diffusiongemma.convert import ConversionOptionError, convert as run_convert
+
+    if quantize and q_bits not in (4, 6, 8):
+        raise ConversionOptionError(f"--q-bits must be 4, 6 or 8 (got {q_bits})")
+    if q_mode not in ("affine", "mxfp4"):
+        raise ConversionOptionError(f"--q-mode must be affine or mxfp4 (got {q_mode!r})")
+    if q_recipe not in ("mixed", "uniform"):
+        raise ConversionOptionError(f"--q-recipe must be mixed or uniform (got {q_recipe!r})")
+    group = q_group_size or (32 if q_mode == "mxfp4" else 64)
+    out = run_convert(
+        hf_path, mlx_path, dtype=dtype, quantize=quantize, q_bits=q_bits, q_group_size=group,
+        q_mode=q_mode, q_recipe=q_recipe, force=force,
+    )
+    typer.echo(f"wrote {out}")
+
+
 def main() -> None:
     from .errors import DiffusionGemmaError
 

@@ -127,6 +127,7 @@ class GenerationResponse:
     prompt_tps: float = 0.0
     generation_tokens: int = 0
     generation_tps: float = 0.0
+    generation_time: float = 0.0  # seconds since the prefill ended (denoising and commit passes)
     canvases: int = 0
     steps_per_canvas: list[int] = field(default_factory=list)
     total_steps: int = 0
@@ -244,7 +245,8 @@ def stream_generate(
             detok.add_token(t)
         stats.generation_tokens += len(new)
         stats.tokens_per_forward = stats.generation_tokens / max(stats.total_steps, 1)
-        stats.generation_tps = stats.generation_tokens / max(time.perf_counter() - gen_start, 1e-9)
+        stats.generation_time = time.perf_counter() - gen_start
+        stats.generation_tps = stats.generation_tokens / max(stats.generation_time, 1e-9)
         stats.peak_memory = mx.get_peak_memory() / 1e9
         done = hit_eos or stats.generation_tokens >= max_tokens
         if done:
