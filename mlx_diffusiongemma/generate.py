@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
+from mlx_lm.generate import wired_limit
 
 from . import sampler
 from .cache import LayerCache, PromptCache
@@ -43,36 +44,44 @@ def prefill(model: Model, ids: mx.array, cache: list[LayerCache], step: int = PR
         mx.eval([c.keys for c in cache] + [c.values for c in cache])
 
 
-def _accept(drafter: DrafterConfig, ent: mx.array, top_p: mx.array) -> mx.array:
+def _accept(drafter: DrafterConfig, ent: mx.array, total: mx.array) -> mx.array:
     if drafter.acceptance == "confidence":
-        return sampler.confidence_accept(top_p, drafter.confidence_accept_threshold)
+        return sampler.confidence_accept(1.0 / total, drafter.confidence_accept_threshold)
     return sampler.entropy_bound_accept(ent, drafter.entropy_bound)
+
+
+def _next_probs(model: Model, scaled: mx.array, weights: mx.array, total: mx.array) -> mx.array:
+    # The next step self-conditions on softmax of these logits after rounding them to the weight dtype.
+    if model.dtype == mx.float32:
+        return weights / total[..., None]  # exactly that softmax, already half computed
+    return mx.softmax(scaled.astype(model.dtype).astype(mx.float32), axis=-1)
 
 
 def denoise_canvas(model: Model, cache, drafter: DrafterConfig, noise: NoiseSource, batch: int):
     """Draft one canvas: yields `(argmax canvas, steps)` after every decoder pass; the last is committed."""
     N, V, C = drafter.max_denoising_steps, model.args.vocab_size, drafter.canvas_length
     x = noise.randint((batch, C), V)
-    sc, argmax, history = None, x, ()
+    probs, argmax, history = None, x, ()
     done = mx.zeros((batch,), dtype=mx.bool_)
     for n in range(N, 0, -1):
-        logits = model.decode(x, cache, sc) / sampler.temperature(n, N, drafter.t_min, drafter.t_max)
-        sample = noise.categorical(logits)
-        new_argmax, ent, top_p = sampler.token_stats(logits)
-        x_new = sampler.renoise(sample, _accept(drafter, ent, top_p), noise.randint((batch, C), V))
+        logits = model.decode(x, cache, self_conditioning_probs=probs)
+        temp = sampler.temperature(n, N, drafter.t_min, drafter.t_max)
+        scaled, weights, total, ent, new_argmax = sampler.distribution(logits, temp)
+        sample = noise.categorical(weights, total)
+        x_new = sampler.renoise(sample, _accept(drafter, ent, total), noise.randint((batch, C), V))
+        new_probs = _next_probs(model, scaled, weights, total)
         if drafter.adaptive_stop:
-            # Rows that already stopped keep their canvas, argmax and self-conditioning (reference 1.c.iv).
-            new_argmax = mx.where(done[:, None], argmax, new_argmax)
-            x_new = mx.where(done[:, None], x, x_new)
-            if sc is not None:
-                logits = mx.where(done[:, None, None], sc, logits)
+            if batch > 1 and n < N:
+                # Rows that already stopped keep their canvas, argmax and self-conditioning (reference 1.c.iv).
+                new_argmax = mx.where(done[:, None], argmax, new_argmax)
+                x_new = mx.where(done[:, None], x, x_new)
+                new_probs = mx.where(done[:, None, None], probs, new_probs)
             stop, history = sampler.stop_test(
                 new_argmax, history, ent, drafter.stability_threshold, drafter.confidence_threshold
             )
             done = done | stop
-        sc = logits.astype(model.dtype)  # the next step self-conditions on these, rounded like the weights
-        x, argmax = x_new, new_argmax
-        mx.eval(x, argmax, sc, done)
+        x, argmax, probs = x_new, new_argmax, new_probs
+        mx.eval(x, argmax, probs, done)
         yield argmax, N - n + 1
         if drafter.adaptive_stop and done.all().item():  # the one host sync a step needs
             return
@@ -224,18 +233,27 @@ def stream_generate(
         model, mx.array([ids[reused:]]), drafter, noise, math.ceil(max_tokens / drafter.canvas_length),
         eos, _pad_id(model), cache=layers, prefill_step=prefill_step,
     )
-    gen_start, encoded = None, list(ids)
+
+    def finished(encoded: list[int]) -> None:
+        prompt_cache.layers, prompt_cache.tokens = layers, ids + encoded
+
+    with wired_limit(model):  # Metal: keep the weights resident; a no-op elsewhere
+        yield from _responses(events, stats, tic, detok, eos, max_tokens, draft_preview, finished)
+
+
+def _responses(events, stats, tic, detok, eos, max_tokens, draft_preview, finished):
+    """Turn loop events into responses: detokenise, cut at EOS or `max_tokens`, keep the statistics."""
+    gen_start, encoded, last_canvas = None, [], []
     for event in events:
         if gen_start is None:  # the first event comes after the prefill
             gen_start = time.perf_counter()
-            stats.prompt_tps = (len(ids) - reused) / max(gen_start - tic, 1e-9)
+            stats.prompt_tps = (stats.prompt_tokens - stats.prompt_cached) / max(gen_start - tic, 1e-9)
         stats.canvas, stats.step = event.canvas, event.steps
         if event.kind == "draft":
             if draft_preview:
                 yield _snapshot(stats, draft=event.tokens[0].tolist())
             continue
-        if stats.canvases:  # the previous canvas is encoded now (the loop does it before this one)
-            encoded += last_canvas
+        encoded += last_canvas  # the loop encoded the previous canvas before drafting this one
         last_canvas = event.tokens[0].tolist()
         stats.canvases += 1
         stats.steps_per_canvas.append(event.steps)
@@ -248,16 +266,15 @@ def stream_generate(
         stats.generation_time = time.perf_counter() - gen_start
         stats.generation_tps = stats.generation_tokens / max(stats.generation_time, 1e-9)
         stats.peak_memory = mx.get_peak_memory() / 1e9
-        done = hit_eos or stats.generation_tokens >= max_tokens
-        if done:
+        if hit_eos or stats.generation_tokens >= max_tokens:
             detok.finalize()
             stats.finish_reason = "stop" if hit_eos else "length"
-            prompt_cache.layers, prompt_cache.tokens = layers, encoded
-        yield _snapshot(stats, text=detok.last_segment, tokens=new)
-        if done:
+            finished(encoded)
+            yield _snapshot(stats, text=detok.last_segment, tokens=new)
             return
+        yield _snapshot(stats, text=detok.last_segment, tokens=new)
     stats.finish_reason = "length"  # only reached when max_tokens exceeds what the canvases held
-    prompt_cache.layers, prompt_cache.tokens = layers, encoded
+    finished(encoded)
     detok.finalize()
     yield _snapshot(stats, text=detok.last_segment)
 

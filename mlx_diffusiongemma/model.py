@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import mlx.core as mx
@@ -328,6 +329,11 @@ class _Stacks(nn.Module):
         self.encoder = _Encoder(args)
 
 
+@partial(mx.compile, shapeless=True)
+def _softcap(logits: mx.array) -> mx.array:
+    return SOFTCAP * mx.tanh(logits / SOFTCAP)  # one fused pass over the vocabulary
+
+
 class Model(nn.Module):
     """`DiffusionGemmaForBlockDiffusion`, text only. The model computes logits; it never samples."""
 
@@ -381,9 +387,9 @@ class Model(nn.Module):
                 masks[t] = self._encoder_mask(cache[i], n, t)
             x = layer(x, ropes[t], cache[i].append, masks[t], scalars[i].layer_scalar)
 
-    def soft_embedding(self, logits: mx.array, dtype) -> mx.array:
-        """Expected input embedding under softmax(logits), scaled like `embed_tokens`."""
-        probs = mx.softmax(logits.astype(mx.float32), axis=-1).astype(dtype)
+    def soft_embedding(self, probs: mx.array, dtype) -> mx.array:
+        """Expected input embedding under `probs` (rounded to the weight dtype first, as the reference does)."""
+        probs = probs.astype(dtype)
         emb = self.model.decoder.embed_tokens
         if isinstance(emb, nn.QuantizedEmbedding):
             soft = mx.quantized_matmul(
@@ -399,24 +405,28 @@ class Model(nn.Module):
         canvas_ids: mx.array,
         cache: list[LayerCache],
         self_conditioning_logits: mx.array | None = None,
+        *,
+        self_conditioning_probs: mx.array | None = None,
     ) -> mx.array:
         """Bidirectional canvas pass over `[cache ; canvas]`; returns `[B, C, V]` fp32 softcapped logits.
 
         The cache is read, never advanced. `self_conditioning_logits` are the previous step's
-        temperature-scaled logits (None on a canvas's first step).
+        temperature-scaled logits (None on a canvas's first step); the loop may pass their softmax as
+        `self_conditioning_probs` instead, computed alongside its sampler statistics.
         """
         dec = self.model.decoder
         e = self._embed(canvas_ids)
         if self_conditioning_logits is not None:
-            e = e + dec.self_conditioning(self.soft_embedding(self_conditioning_logits, e.dtype))
+            self_conditioning_probs = mx.softmax(self_conditioning_logits.astype(mx.float32), axis=-1)
+        if self_conditioning_probs is not None:
+            e = e + dec.self_conditioning(self.soft_embedding(self_conditioning_probs, e.dtype))
         # With no self-conditioning the signal is exactly zero, so only the no-scale norm remains.
         x = rms_norm(e, None, self.args.rms_norm_eps)
         ropes = self._ropes(cache_offset(cache), canvas_ids.shape[1], x.dtype)
         for i, layer in enumerate(self.layers):
             t = self.args.layer_types[i]
             x = layer(x, ropes[t], cache[i].with_canvas, None, layer.layer_scalar)
-        logits = dec.embed_tokens.as_linear(dec.norm(x)).astype(mx.float32)
-        return SOFTCAP * mx.tanh(logits / SOFTCAP)
+        return _softcap(dec.embed_tokens.as_linear(dec.norm(x)).astype(mx.float32))
 
     @staticmethod
     def sanitize(weights: dict[str, mx.array]) -> dict[str, mx.array]:

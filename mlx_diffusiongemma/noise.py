@@ -12,13 +12,15 @@ from typing import Protocol
 import mlx.core as mx
 import numpy as np
 
+from .sampler import inverse_cdf_sample
+
 
 class NoiseSource(Protocol):
     def randint(self, shape: tuple[int, ...], high: int) -> mx.array:
         """Uniform ids in `[0, high)`."""
 
-    def categorical(self, logits: mx.array) -> mx.array:
-        """One draw per position from softmax(logits) over the last axis: [B, C, V] -> [B, C]."""
+    def categorical(self, weights: mx.array, total: mx.array) -> mx.array:
+        """One draw per position from `weights / total` (unnormalised probabilities): [B, C, V] -> [B, C]."""
 
 
 class MLXNoise:
@@ -34,8 +36,9 @@ class MLXNoise:
     def randint(self, shape: tuple[int, ...], high: int) -> mx.array:
         return mx.random.randint(0, high, shape, dtype=mx.int32, key=self._next())
 
-    def categorical(self, logits: mx.array) -> mx.array:
-        return mx.random.categorical(logits, axis=-1, key=self._next()).astype(mx.int32)
+    def categorical(self, weights: mx.array, total: mx.array) -> mx.array:
+        u = mx.random.uniform(shape=total.shape, key=self._next())
+        return inverse_cdf_sample(weights, total, u)
 
 
 def inverse_cdf(probs: np.ndarray, u: np.ndarray) -> np.ndarray:
@@ -49,8 +52,8 @@ def inverse_cdf(probs: np.ndarray, u: np.ndarray) -> np.ndarray:
 class NumpyNoise:
     """A NumPy stream, for replaying exactly the numbers another implementation consumed (parity tests).
 
-    Categorical draws use inverse-CDF sampling with one uniform per position; `inverse_cdf` is the same
-    rule applied on the other side.
+    Categorical draws use inverse-CDF sampling with one uniform per position, with the running sum in
+    float64 on the host so rounding cannot move a draw; `inverse_cdf` is the same rule for the other side.
     """
 
     def __init__(self, seed: int | np.random.Generator):
@@ -59,8 +62,8 @@ class NumpyNoise:
     def randint(self, shape: tuple[int, ...], high: int) -> mx.array:
         return mx.array(self.rng.integers(0, high, size=shape), dtype=mx.int32)
 
-    def categorical(self, logits: mx.array) -> mx.array:
-        probs = np.array(mx.softmax(logits.astype(mx.float32), axis=-1))
+    def categorical(self, weights: mx.array, total: mx.array) -> mx.array:
+        probs = np.array(weights / total[..., None])
         flat = probs.reshape(-1, probs.shape[-1])
         idx = inverse_cdf(flat, self.rng.random(flat.shape[0]))
         return mx.array(idx.reshape(probs.shape[:-1]), dtype=mx.int32)

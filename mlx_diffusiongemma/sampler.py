@@ -157,3 +157,36 @@ def finalize_eos(
     if done is not None:
         after_first = after_first | done[:, None]
     return mx.where(after_first, mx.array(pad_id, dtype=canvas.dtype), canvas), has_eos
+
+
+@partial(mx.compile, shapeless=True)
+def _scaled_distribution(logits: mx.array, t: mx.array):
+    # One pass for the max, one fused pass for exp and both sums; `logits / t` exactly as the reference
+    # divides (not a multiplication by 1/t, which rounds differently).
+    x = logits / t
+    x_max = x.max(axis=-1, keepdims=True)
+    y = x - x_max
+    e = mx.exp(y)
+    s = e.sum(axis=-1)
+    return x, e, s, mx.log(s) - (e * y).sum(axis=-1) / s
+
+
+def distribution(logits: mx.array, temp: float) -> tuple[mx.array, mx.array, mx.array, mx.array, mx.array]:
+    """Everything a denoising step needs from its temperature-scaled logits, in few passes over V.
+
+    Returns `(scaled, weights, total, entropy, argmax)`: `scaled = logits / temp`, `weights = exp(scaled -
+    max)` (unnormalised probabilities, [B, C, V]), `total = weights.sum(-1)`, the entropy per position in
+    nats and the argmax (int32, first index among equal maxima). `weights / total` are the probabilities
+    that categorical sampling and the next step's self-conditioning use, and `1 / total` is the top one.
+    """
+    scaled, e, s, ent = _scaled_distribution(logits.astype(mx.float32), mx.array(temp, dtype=mx.float32))
+    return scaled, e, s, ent, mx.argmax(scaled, axis=-1).astype(mx.int32)
+
+
+def inverse_cdf_sample(weights: mx.array, total: mx.array, u: mx.array) -> mx.array:
+    """Categorical draw per position: the first index whose running weight exceeds `u * total`.
+
+    One uniform per position instead of a Gumbel variate per vocabulary entry.
+    """
+    below = mx.cumsum(weights, axis=-1) <= (u * total)[..., None]
+    return mx.minimum(below.sum(axis=-1), weights.shape[-1] - 1).astype(mx.int32)
