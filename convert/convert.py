@@ -1,0 +1,546 @@
+"""Convert a DiffusionGemma checkpoint to a text-only MLX folder (bf16/fp16/fp32, optionally quantized).
+
+The conversion streams: one source shard is open at a time, each tensor is sanitized, cast and (optionally)
+quantized on its own, and output shards are written as soon as they reach the size cap. The output is
+built in a hidden temporary folder beside the target and renamed into place only once complete, so an
+interrupted or failed run never leaves a half-written model behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+from mlx_diffusiongemma.errors import CheckpointError, DiffusionGemmaError
+
+MAX_SHARD_BYTES = 5 * 1024**3  # the usual Hub cap per safetensors file
+# Test-only hooks: a smaller shard cap, and a pause after each tensor (to interrupt a run mid-way).
+_SHARD_ENV = "MLX_DIFFUSIONGEMMA_CONVERT_SHARD_BYTES"
+_DELAY_ENV = "MLX_DIFFUSIONGEMMA_CONVERT_DELAY"
+
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+RECIPES = ("mixed", "uniform")
+MODES = ("affine", "mxfp4")
+AFFINE_BITS = (2, 3, 4, 5, 6, 8)
+AFFINE_GROUPS = (32, 64, 128)
+# The "mixed" recipe keeps these modules at 8 bits whatever was asked (what mlx-vlm's converter does).
+HIGH_PRECISION = {"group_size": 64, "bits": 8, "mode": "affine"}
+_SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+# Files copied next to the weights: tokenizer, chat template, generation settings. Never code or pickles.
+_COPY_PATTERNS = (
+    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+    "added_tokens.json", "chat_template.json", "*.jinja", "generation_config.json",
+)
+
+
+class ConversionOptionError(DiffusionGemmaError, ValueError):
+    """An invalid combination of conversion options (dtype, bits, group size, mode, recipe)."""
+
+
+def _check_options(dtype, quantize, q_bits, q_group_size, q_mode, q_recipe) -> None:
+    if dtype is not None and dtype not in DTYPE_NAMES:
+        raise ConversionOptionError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPE_NAMES)}")
+    if not quantize:
+        return
+    if q_recipe not in RECIPES:
+        raise ConversionOptionError(f"unknown quantization recipe {q_recipe!r}; use mixed or uniform")
+    if q_mode == "mxfp4":
+        if q_bits != 4 or q_group_size != 32:
+            raise ConversionOptionError(
+                f"mxfp4 needs 4 bits and group size 32 (got {q_bits} bits, group size {q_group_size})"
+            )
+    elif q_mode == "affine":
+        if q_bits not in AFFINE_BITS:
+            raise ConversionOptionError(f"unsupported bits {q_bits}; affine quantization takes 2, 3, 4, 5, 6 or 8")
+        if q_group_size not in AFFINE_GROUPS:
+            raise ConversionOptionError(f"unsupported group size {q_group_size}; use 32, 64 or 128")
+    else:
+        raise ConversionOptionError(f"unknown quantization mode {q_mode!r}; use affine or mxfp4")
+
+
+def _high_precision(module: str) -> bool:
+    return (
+        module.endswith("embed_tokens")
+        or ".self_attn." in module
+        or ".mlp." in module
+        or module.endswith("router.proj")
+    )
+
+
+def quant_setting(module: str, recipe: str, requested: dict) -> dict:
+    """The {group_size, bits, mode} a quantizable module gets under a recipe."""
+    if recipe == "mixed" and _high_precision(module):
+        return dict(HIGH_PRECISION)
+    return dict(requested)
+
+
+def _source_dtype(headers: dict[str, dict]) -> str:
+    """The checkpoint's float dtype, read from the safetensors headers (that of the embedding, else the
+    first floating tensor)."""
+    found = None
+    for header in headers.values():
+        for key, info in header.items():
+            if key == "__metadata__":
+                continue
+            name = _SAFETENSORS_DTYPES.get(info.get("dtype"))
+            if name and key.endswith("embed_tokens.weight"):
+                return name
+            found = found or name
+    return found or "float32"
+
+
+def _copy_side_files(src: Path, dst: Path) -> None:
+    for pattern in _COPY_PATTERNS:
+        for file in sorted(src.glob(pattern)):
+            if file.is_file():
+                shutil.copy2(file, dst / file.name)
+
+
+def _write_config(src_config: dict, dst: Path, dtype: str, qconfig: dict | None) -> None:
+    config = {k: v for k, v in src_config.items() if k not in ("quantization", "quantization_config")}
+    config.pop("torch_dtype", None)
+    config["dtype"] = dtype
+    if isinstance(config.get("text_config"), dict):
+        config["text_config"] = dict(config["text_config"])
+        if "dtype" in config["text_config"]:
+            config["text_config"]["dtype"] = dtype
+    # The vision tower is dropped: say so, and keep no vision config that a loader would try to build.
+    config["vision_config"] = None
+    config["text_only"] = True
+    if qconfig is not None:
+        config["quantization"] = qconfig
+        config["quantization_config"] = qconfig
+    (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+# safetensors dtype codes <-> MLX dtypes (what a checkpoint may hold, what we write).
+_ST_TO_MX = {
+    "BOOL": "bool_", "U8": "uint8", "I8": "int8", "U16": "uint16", "I16": "int16", "U32": "uint32",
+    "I32": "int32", "U64": "uint64", "I64": "int64", "F16": "float16", "BF16": "bfloat16", "F32": "float32",
+    "F64": "float64",
+}
+_CHUNK_BYTES = 64 * 1024**2  # source bytes read, cast and quantized at a time
+
+
+class _Out:
+    """One output tensor: its place in the output shards."""
+
+    __slots__ = ("key", "code", "shape", "nbytes", "shard", "offset")
+
+    def __init__(self, key: str, code: str, shape: tuple, nbytes: int):
+        self.key, self.code, self.shape, self.nbytes = key, code, shape, nbytes
+        self.shard, self.offset = 0, 0
+
+
+class _Unit:
+    """One source tensor, where its bytes are, and the output tensors it becomes.
+
+    kind: "copy" (bytes unchanged), "cast" (float dtype changed) or "quantize".
+    """
+
+    __slots__ = ("key", "file", "offset", "code", "shape", "kind", "setting", "target", "outs")
+
+    def __init__(self, key, file, offset, code, shape, kind, setting, target, outs):
+        self.key, self.file, self.offset, self.code, self.shape = key, file, offset, code, shape
+        self.kind, self.setting, self.target, self.outs = kind, setting, target, outs
+
+
+def _mx_dtype(code: str):
+    import mlx.core as mx
+
+    return getattr(mx, _ST_TO_MX[code])
+
+
+def _st_code(dtype) -> str:
+    import mlx.core as mx
+
+    for code, name in _ST_TO_MX.items():
+        if getattr(mx, name, None) == dtype:
+            return code
+    raise CheckpointError(f"cannot store dtype {dtype} in safetensors")
+
+
+def _rows_cols(shape: tuple) -> tuple[int, int]:
+    """A tensor seen as a row-major matrix: (product of the leading dims, last dim)."""
+    if len(shape) == 0:
+        return 1, 1
+    rows = 1
+    for n in shape[:-1]:
+        rows *= n
+    return rows, shape[-1]
+
+
+def _plan_shards(units: list[_Unit], cap: int) -> list[list[_Out]]:
+    """Assign every output tensor to a shard (a new one when adding it would pass `cap`) and an offset."""
+    shards: list[list[_Out]] = [[]]
+    used = 0
+    for unit in units:
+        for out in unit.outs:
+            if shards[-1] and used + out.nbytes > cap:
+                shards.append([])
+                used = 0
+            out.shard, out.offset = len(shards) - 1, used
+            shards[-1].append(out)
+            used += out.nbytes
+    return shards if shards[0] else []
+
+
+def _header(outs: list[_Out]) -> bytes:
+    """A safetensors header (length prefix included), padded with spaces so the data starts 8-aligned."""
+    header = {"__metadata__": {"format": "mlx"}}
+    for out in outs:
+        header[out.key] = {"dtype": out.code, "shape": list(out.shape),
+                           "data_offsets": [out.offset, out.offset + out.nbytes]}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw
+
+
+def _pwrite(fd: int, data, offset: int) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
+def _copy_range(src_fd: int, dst_fd: int, n: int, src_off: int, dst_off: int, buf: bytearray) -> None:
+    """Copy n bytes between files at the given offsets (in the kernel where it can)."""
+    copy_file_range = getattr(os, "copy_file_range", None)
+    while n and copy_file_range is not None:
+        try:
+            done = copy_file_range(src_fd, dst_fd, min(n, _CHUNK_BYTES), src_off, dst_off)
+        except OSError:
+            break  # not supported between these files: copy through user space
+        if done == 0:
+            break
+        n, src_off, dst_off = n - done, src_off + done, dst_off + done
+    while n:
+        chunk = min(n, len(buf))
+        _read_exact(src_fd, memoryview(buf)[:chunk], src_off)
+        _pwrite(dst_fd, memoryview(buf)[:chunk], dst_off)
+        n, src_off, dst_off = n - chunk, src_off + chunk, dst_off + chunk
+
+
+def _read_exact(fd: int, view: memoryview, offset: int) -> None:
+    got = 0
+    while got < len(view):
+        if hasattr(os, "preadv"):
+            n = os.preadv(fd, [view[got:]], offset + got)
+        else:
+            data = os.pread(fd, len(view) - got, offset + got)
+            n = len(data)
+            view[got : got + n] = data
+        if n == 0:
+            raise EOFError("the file ended early")
+        got += n
+
+
+class _ShardFiles:
+    """Output shards `model-XXXXX.partial.safetensors`, opened (header written) on first use."""
+
+    def __init__(self, folder: Path, shards: list[list[_Out]]):
+        self.folder, self.shards = folder, shards
+        self.fds: dict[int, int] = {}
+        self.starts: dict[int, int] = {}  # shard -> where its data begins (after the header)
+
+    def path(self, i: int) -> Path:
+        return self.folder / f"model-{i + 1:05d}.partial.safetensors"
+
+    def fd(self, i: int) -> int:
+        if i not in self.fds:
+            header = _header(self.shards[i])
+            fd = os.open(self.path(i), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            self.fds[i] = fd
+            _pwrite(fd, header, 0)
+            os.ftruncate(fd, len(header) + sum(o.nbytes for o in self.shards[i]))
+            self.starts[i] = len(header)
+        return self.fds[i]
+
+    def write(self, out: _Out, data, offset_in_tensor: int) -> None:
+        fd = self.fd(out.shard)
+        _pwrite(fd, data, self.starts[out.shard] + out.offset + offset_in_tensor)
+
+    def close_before(self, i: int) -> None:
+        """Close every shard before shard i (all their tensors are written)."""
+        for j in [j for j in self.fds if j < i]:
+            os.close(self.fds.pop(j))
+
+    def close(self) -> None:
+        self.close_before(len(self.shards) + 1)
+
+    def finish(self) -> int:
+        """Name the shards `model-XXXXX-of-YYYYY.safetensors`, write the index; return the total bytes."""
+        self.close()
+        n = len(self.shards)
+        weight_map, total = {}, 0
+        for i, outs in enumerate(self.shards):
+            if i not in self.starts:
+                self.fd(i)  # a shard of empty tensors only: still write its header
+                self.close()
+            name = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            self.path(i).rename(self.folder / name)
+            weight_map.update({o.key: name for o in outs})
+            total += sum(o.nbytes for o in outs)
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        return total
+
+
+def _progress_printer() -> Callable[[int, int], None] | None:
+    if not sys.stderr.isatty():
+        return None
+    last = [0.0]
+
+    def show(done: int, total: int) -> None:
+        now = time.monotonic()
+        if done == total or now - last[0] > 0.1:
+            last[0] = now
+            end = "\n" if done == total else ""
+            print(f"\rconverting: {done}/{total} tensors", end=end, file=sys.stderr, flush=True)
+
+    return show
+
+
+def _write_unit(unit: _Unit, src_fd: int, shards: _ShardFiles, buf: bytearray) -> None:
+    """Write one source tensor's outputs, reading, casting and quantizing at most _CHUNK_BYTES of it at a time
+    (rows are independent: a cast is elementwise and quantization groups run along the last axis)."""
+    import mlx.core as mx
+    import numpy as np
+
+    if unit.kind == "copy":
+        out = unit.outs[0]
+        shards.fd(out.shard)
+        dst_off = shards.starts[out.shard] + out.offset
+        _copy_range(src_fd, shards.fds[out.shard], out.nbytes, unit.offset, dst_off, buf)
+        return
+    src_dtype = _mx_dtype(unit.code)
+    rows, cols = _rows_cols(unit.shape)
+    row_bytes = cols * src_dtype.size
+    step = max(1, len(buf) // row_bytes) if row_bytes else rows
+    row_out = [o.nbytes // rows if rows else 0 for o in unit.outs]
+    for r0 in range(0, rows, step):
+        r = min(step, rows - r0)
+        n = r * row_bytes
+        chunk = buf if n <= len(buf) else bytearray(n)  # a single row larger than the buffer
+        _read_exact(src_fd, memoryview(chunk)[:n], unit.offset + r0 * row_bytes)
+        x = mx.array(np.frombuffer(chunk, dtype=np.uint8, count=n)).view(src_dtype).reshape(r, cols)
+        if x.dtype != unit.target:
+            x = x.astype(unit.target)
+        if unit.kind == "quantize":
+            s = unit.setting
+            results = [a for a in mx.quantize(x, s["group_size"], s["bits"], mode=s["mode"]) if a is not None]
+        else:
+            results = [x]
+        mx.eval(results)
+        for out, a, per_row in zip(unit.outs, results, row_out):
+            shards.write(out, a, r0 * per_row)
+        del x, results
+    mx.clear_cache()
+
+
+def _convert_into(
+    src: Path, tmp: Path, *, dtype, quantize, q_bits, q_group_size, q_mode, q_recipe, progress, shard_cap
+) -> None:
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    from mlx_diffusiongemma.loader import DTYPES, check_safetensors, load_config, weight_files
+    from mlx_diffusiongemma.model import Model
+
+    src_config, args = load_config(src)
+    if src_config.get("quantization") or src_config.get("quantization_config"):
+        raise CheckpointError(f"{src} is already quantized; convert from the original bf16/fp32 checkpoint")
+    files = weight_files(src)
+    headers = {f: check_safetensors(f) for f in files}
+    dtype = dtype or _source_dtype(headers)
+    target = DTYPES[dtype]
+
+    # Expected text tensors, from the model tree (lazy parameters: nothing is materialised).
+    model = Model(args)
+    expected = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
+    quantizable = {name for name, m in model.named_modules() if hasattr(m, "to_quantized")}
+    del model
+    requested = {"group_size": q_group_size, "bits": q_bits, "mode": q_mode}
+    settings: dict[str, dict] = {}
+
+    # Plan every output tensor (dtype, shape, bytes) from the source headers alone, so the output shards can
+    # be laid out up front and written in place, a bounded chunk at a time: memory stays flat whatever the
+    # tensor or shard size, and tensors whose bytes do not change are copied file to file.
+    units: list[_Unit] = []
+    seen: set[str] = set()
+    quant_shapes: dict = {}
+    for file in files:
+        header = headers[file]
+        with open(file, "rb") as f:
+            data_start = 8 + int.from_bytes(f.read(8), "little")
+        names = Model.sanitize({k: k for k in header if k != "__metadata__"})
+        for key in sorted(names):
+            info = header[names[key]]
+            if key not in expected:
+                raise CheckpointError(f"unexpected tensor {key} in {file}: not a DiffusionGemma text weight")
+            if key in seen:
+                raise CheckpointError(f"tensor {key} appears twice in the checkpoint (again in {file})")
+            try:
+                code, shape, (begin, stop) = info["dtype"], tuple(int(n) for n in info["shape"]), info["data_offsets"]
+                src_dtype = _mx_dtype(code)
+            except (KeyError, TypeError, ValueError, AttributeError):
+                raise CheckpointError(f"{file} has an unreadable entry for {names[key]}; re-download it") from None
+            if shape != expected[key]:
+                raise CheckpointError(
+                    f"tensor {key} in {file} has shape {shape} but config.json implies "
+                    f"{expected[key]}; the config and weights do not match"
+                )
+            rows, cols = _rows_cols(shape)
+            if stop - begin != rows * cols * src_dtype.size or begin < 0:
+                raise CheckpointError(f"tensor {names[key]} in {file} has the wrong byte count; re-download it")
+            seen.add(key)
+            out_dtype = target if mx.issubdtype(src_dtype, mx.floating) else src_dtype
+            module = key[: -len(".weight")] if key.endswith(".weight") else None
+            kind, setting = ("copy" if out_dtype == src_dtype else "cast"), None
+            outs = [_Out(key, _st_code(out_dtype), shape, rows * cols * out_dtype.size)]
+            if quantize and module in quantizable:
+                candidate = quant_setting(module, q_recipe, requested)
+                if len(shape) >= 2 and cols % candidate["group_size"] == 0:
+                    kind, setting = "quantize", candidate
+                    settings[module] = setting
+                    spec = (cols, out_dtype, setting["group_size"], setting["bits"], setting["mode"])
+                    if spec not in quant_shapes:  # shapes of mx.quantize's outputs for one row (lazy: no work)
+                        q = mx.quantize(mx.zeros((1, cols), dtype=out_dtype), *spec[2:4], mode=spec[4])
+                        quant_shapes[spec] = [(a.shape[-1], a.dtype) for a in q if a is not None]
+                    outs = [
+                        _Out(f"{module}.{suffix}", _st_code(dt), shape[:-1] + (n,), rows * n * dt.size)
+                        for suffix, (n, dt) in zip(("weight", "scales", "biases"), quant_shapes[spec])
+                    ]
+            units.append(_Unit(key, file, data_start + begin, code, shape, kind, setting, out_dtype, outs))
+    missing = [k for k in expected if k not in seen]
+    if missing:
+        raise CheckpointError(
+            f"tensor {missing[0]} is missing from the checkpoint in {src}"
+            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+        )
+
+    shards = _ShardFiles(tmp, _plan_shards(units, shard_cap))
+    delay = float(os.environ.get(_DELAY_ENV, "0") or 0)
+    buf = bytearray(_CHUNK_BYTES)
+    sources: dict[Path, int] = {}
+    try:
+        for done, unit in enumerate(units, 1):
+            if unit.file not in sources:
+                for fd in sources.values():
+                    os.close(fd)
+                sources = {unit.file: os.open(unit.file, os.O_RDONLY)}
+            try:
+                _write_unit(unit, sources[unit.file], shards, buf)
+            except EOFError:
+                raise CheckpointError(f"cannot read {unit.file} (it ended early); re-download it") from None
+            shards.close_before(max((o.shard for o in unit.outs), default=0))
+            if progress is not None:
+                progress(done, len(units))
+            if delay:
+                time.sleep(delay)
+    finally:
+        for fd in sources.values():
+            os.close(fd)
+        shards.close()
+    shards.finish()
+
+    qconfig = None
+    if quantize:
+        # The global setting, then every quantized module with its exact setting (bits, group size and mode
+        # always stated). Modules left unquantized (indivisible input dim) are not listed.
+        qconfig = dict(requested)
+        qconfig.update({m: settings[m] for m in sorted(settings)})
+    _write_config(src_config, tmp, dtype, qconfig)
+    _copy_side_files(src, tmp)
+
+
+def convert(
+    hf_path: str | Path,
+    mlx_path: str | Path,
+    *,
+    dtype: str | None = None,
+    quantize: bool = False,
+    q_bits: int = 4,
+    q_group_size: int = 64,
+    q_mode: str = "affine",
+    q_recipe: str = "mixed",
+    force: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> Path:
+    """Convert a DiffusionGemma checkpoint into a text-only MLX folder.
+
+    Args:
+        hf_path: A Hugging Face checkpoint folder or Hub repo id (safetensors only; the vision tower is
+            dropped).
+        mlx_path: The output folder. It must not exist unless `force` is set.
+        dtype: "bfloat16", "float16" or "float32" for the float tensors; default: the checkpoint's.
+        quantize: Quantize the linear layers and the embedding.
+        q_bits: Bits of the quantized weights (affine: 2-6 or 8; mxfp4: 4).
+        q_group_size: Quantization group size (affine: 32, 64 or 128; mxfp4: 32).
+        q_mode: "affine" or "mxfp4".
+        q_recipe: "mixed" keeps the embedding (= LM head), attention, dense MLP and router at 8 bits
+            (group 64, affine) and applies the requested setting to the experts and the self-conditioning
+            MLP; "uniform" applies the requested setting everywhere.
+        force: Replace an existing `mlx_path`.
+        progress: Called as `progress(tensors_done, tensors_total)`; default: a progress line on stderr when
+            it is a terminal, nothing otherwise.
+
+    Returns:
+        The output folder.
+
+    Raises:
+        CheckpointError: one line; the input is unusable, the output exists, or writing failed. Nothing is
+            left behind on failure or interruption.
+    """
+    from mlx_diffusiongemma.loader import resolve_path
+
+    _check_options(dtype, quantize, q_bits, q_group_size, q_mode, q_recipe)
+    dst = Path(mlx_path).expanduser().absolute()
+    if dst.exists() and not force:
+        raise CheckpointError(f"{dst} already exists; pass --force (force=True) to replace it")
+    src = resolve_path(hf_path)
+    if dst.exists() and (dst.resolve() == src.resolve() or dst.resolve() in src.resolve().parents):
+        raise CheckpointError(f"{dst} holds the source checkpoint; choose another output folder")
+    if progress is None:
+        progress = _progress_printer()
+    shard_cap = int(os.environ.get(_SHARD_ENV) or MAX_SHARD_BYTES)
+
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    except OSError as e:
+        raise CheckpointError(f"cannot create the output folder in {dst.parent} ({e.strerror or e})") from None
+    try:
+        _convert_into(
+            src, tmp, dtype=dtype, quantize=quantize, q_bits=q_bits, q_group_size=q_group_size,
+            q_mode=q_mode, q_recipe=q_recipe, progress=progress, shard_cap=shard_cap,
+        )
+        if dst.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
+            os.replace(dst, old / dst.name)
+            try:
+                os.replace(tmp, dst)
+            except BaseException:
+                os.replace(old / dst.name, dst)  # put the previous folder back
+                old.rmdir()
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, dst)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, (DiffusionGemmaError, KeyboardInterrupt, SystemExit)):
+            raise
+        if isinstance(e, OSError):
+            raise CheckpointError(f"writing {dst} failed ({e.strerror or e}); nothing was written") from None
+        raise CheckpointError(
+            f"converting {src} failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+            "nothing was written"
+        ) from None
+    return dst
