@@ -89,3 +89,20 @@ class PromptCache:
 
     def reset(self) -> None:
         self.layers, self.tokens = None, []
+
+    def checkpoint(self):
+        """Remember the cache as it is now; calling the returned function puts it back exactly.
+
+        For a turn that is interrupted (Ctrl-C), which would otherwise leave the cache unusable. Nothing is
+        copied: encoding only writes past a layer's retained `length` (or into new buffers), so the retained
+        part of the buffers saved here stays as it was.
+        """
+        layers, tokens = self.layers, list(self.tokens)
+        saved = [(c.keys, c.values, c.length, c.offset) for c in layers or []]
+
+        def restore() -> None:
+            for c, (keys, values, length, offset) in zip(layers or [], saved):
+                c.keys, c.values, c.length, c.offset = keys, values, length, offset
+            self.layers, self.tokens = layers, list(tokens)
+
+        return restore

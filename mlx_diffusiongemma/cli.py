@@ -30,7 +30,7 @@ def _root(
     version: Optional[bool] = typer.Option(
         None, "--version", callback=_version, is_eager=True, help="Print the version and exit."
     ),
-    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors (default: off)."),
 ):
     """Run Google's DiffusionGemma block-diffusion language model on Apple silicon with MLX."""
 
@@ -56,66 +56,84 @@ def info(
 DEFAULT_MODEL = "mlx-community/diffusiongemma-26B-A4B-it-4bit"
 
 
+_MODEL_HELP = (
+    "Checkpoint: a local folder (Google's, a transformers save or an MLX conversion) or a Hugging Face repo id."
+)
+_LIVE_HELP = "Show the canvas being denoised in place on a terminal (never when output is piped)."
+_TEMPLATE_CONFIG_HELP = (
+    """Extra chat template variables as a JSON object, e.g. '{"enable_thinking": false}' (default: none)."""
+)
+
+
 @app.command()
 def generate(
-    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Checkpoint folder or Hugging Face repo id."),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help=_MODEL_HELP),
     prompt: str = typer.Option(..., "--prompt", "-p", help="The prompt; '-' reads it from standard input."),
-    system_prompt: Optional[str] = typer.Option(None, "--system-prompt", help="A system message (chat template)."),
+    system_prompt: Optional[str] = typer.Option(
+        None, "--system-prompt", help="A system message for the chat template (default: none)."
+    ),
     max_tokens: int = typer.Option(256, "--max-tokens", help="Most tokens to generate (canvases stay whole)."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed; default: a fresh one, printed with --verbose."),
+    seed: Optional[int] = typer.Option(
+        None, "--seed", help="Random seed (default: a fresh one, printed with --verbose)."
+    ),
     drafter: str = typer.Option("reference", "--drafter", help="Drafter preset (reference, fast) or a JSON file."),
-    ignore_chat_template: bool = typer.Option(False, "--ignore-chat-template", help="Feed the prompt as raw text."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, bfloat16 or float16 (default: the checkpoint's)."),
-    verbose: bool = typer.Option(True, "--verbose/--quiet", help="Print statistics after the text."),
+    ignore_chat_template: bool = typer.Option(
+        False, "--ignore-chat-template", help="Feed the prompt as raw text, without the chat template (default: off)."
+    ),
+    chat_template_config: Optional[str] = typer.Option(None, "--chat-template-config", help=_TEMPLATE_CONFIG_HELP),
+    dtype: Optional[str] = typer.Option(
+        None, "--dtype", help="float32, bfloat16 or float16 (default: the checkpoint's)."
+    ),
+    live: bool = typer.Option(True, "--live/--no-live", help=_LIVE_HELP),
+    verbose: bool = typer.Option(True, "--verbose/--quiet", help="Print statistics to stderr after the text."),
 ):
     """Generate text for one prompt, printing it as each canvas commits."""
-    from .generate import stream_generate
-    from .loader import load
+    from .console import run_generate
 
-    text = sys.stdin.read() if prompt == "-" else prompt
-    if ignore_chat_template:
-        if system_prompt:
-            raise typer.BadParameter("--system-prompt needs the chat template", param_hint="--system-prompt")
-        request = text
-    else:
-        request = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
-            {"role": "user", "content": text}
-        ]
-    m, tokenizer = load(model, dtype=dtype)
-    last = None
-    for last in stream_generate(
-        m, tokenizer, request, max_tokens=max_tokens, drafter=drafter, seed=seed,
-        chat_template=not ignore_chat_template,
-    ):
-        typer.echo(last.text, nl=False)
-        sys.stdout.flush()
-    typer.echo()
-    if verbose and last is not None:
-        _print_stats(last)
+    run_generate(
+        model, prompt, system_prompt=system_prompt, max_tokens=max_tokens, seed=seed, drafter=drafter,
+        ignore_chat_template=ignore_chat_template, chat_template_config=chat_template_config, dtype=dtype,
+        live=live, verbose=verbose,
+    )
 
 
-def _print_stats(r) -> None:
-    steps = "/".join(str(s) for s in r.steps_per_canvas)
-    typer.echo("=" * 10, err=True)
-    typer.echo(f"Prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.3f} tokens-per-sec", err=True)
-    typer.echo(f"Generation: {r.generation_tokens} tokens, {r.generation_tps:.3f} tokens-per-sec", err=True)
-    typer.echo(f"Peak memory: {r.peak_memory:.3f} GB", err=True)
-    typer.echo(
-        f"Diffusion: {r.canvases} canvases, steps per canvas {steps} ({r.total_steps} decoder passes), "
-        f"{r.tokens_per_forward:.2f} tokens per forward, drafter {r.drafter}, seed {r.seed}, "
-        f"finish {r.finish_reason}",
-        err=True,
+@app.command()
+def chat(
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help=_MODEL_HELP),
+    system_prompt: Optional[str] = typer.Option(
+        None, "--system-prompt", help="A system message that opens the conversation (default: none)."
+    ),
+    max_tokens: int = typer.Option(256, "--max-tokens", help="Most tokens per reply (canvases stay whole)."),
+    seed: Optional[int] = typer.Option(
+        None, "--seed", help="Seed for the whole session (default: a fresh one per reply, printed with --verbose)."
+    ),
+    drafter: str = typer.Option("reference", "--drafter", help="Drafter preset (reference, fast) or a JSON file."),
+    chat_template_config: Optional[str] = typer.Option(None, "--chat-template-config", help=_TEMPLATE_CONFIG_HELP),
+    dtype: Optional[str] = typer.Option(
+        None, "--dtype", help="float32, bfloat16 or float16 (default: the checkpoint's)."
+    ),
+    live: bool = typer.Option(True, "--live/--no-live", help=_LIVE_HELP),
+    verbose: bool = typer.Option(
+        False, "--verbose/--quiet", help="Print statistics to stderr after each reply (cache reuse included)."
+    ),
+):
+    """Chat with the model: a multi-turn conversation that reuses the prompt cache (/help inside lists commands)."""
+    from .chat import run_chat
+
+    run_chat(
+        model, system_prompt=system_prompt, max_tokens=max_tokens, seed=seed, drafter=drafter,
+        chat_template_config=chat_template_config, dtype=dtype, live=live, verbose=verbose,
     )
 
 
 @app.command()
 def convert(
     hf_path: str = typer.Option(..., "--hf-path", help="Source checkpoint: a Hugging Face folder or Hub repo id."),
-    mlx_path: str = typer.Option(..., "--mlx-path", help="Output folder (must not exist unless --force)."),
+    mlx_path: str = typer.Option(..., "--mlx-path", help="Output folder, written only once complete (must not exist unless --force)."),
     dtype: Optional[str] = typer.Option(
         None, "--dtype", help="float32, bfloat16 or float16 for the float tensors (default: the checkpoint's)."
     ),
-    quantize: bool = typer.Option(False, "--quantize", "-q", help="Quantize the weights (see --q-recipe)."),
+    quantize: bool = typer.Option(False, "--quantize", "-q", help="Quantize the weights (see --q-recipe; default: off)."),
     q_bits: int = typer.Option(4, "--q-bits", help="Bits per quantized weight: 4, 6 or 8 (mxfp4: 4)."),
     q_group_size: Optional[int] = typer.Option(
         None, "--q-group-size", help="Quantization group size: 32, 64 or 128 (default: 64; mxfp4: 32)."
@@ -126,7 +144,7 @@ def convert(
         help="mixed: embedding, attention, dense MLP and router at 8 bits, the rest at --q-bits; "
         "uniform: everything at --q-bits.",
     ),
-    force: bool = typer.Option(False, "--force", help="Replace --mlx-path if it already exists."),
+    force: bool = typer.Option(False, "--force", help="Replace --mlx-path if it already exists (default: off)."),
 ):
     """Convert a checkpoint to a text-only MLX folder (sharded safetensors, optionally quantized)."""
     from mlx_diffusiongemma.convert import ConversionOptionError, convert as run_convert
@@ -145,6 +163,36 @@ def convert(
     typer.echo(f"wrote {out}")
 
 
+@app.command()
+def bench(
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Checkpoint folder or repo id to time."),
+    random: Optional[str] = typer.Option(
+        None, "--random", help="Random weights with real shapes instead: tiny, small, medium or full (26B)."
+    ),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, bfloat16 (random default) or float16."),
+    q_bits: Optional[int] = typer.Option(None, "--q-bits", help="Quantize --random weights (4, 6 or 8 bits)."),
+    prompt_tokens: int = typer.Option(128, "--prompt-tokens", help="Random prompt length to prefill."),
+    canvases: int = typer.Option(2, "--canvases", help="Canvases per run."),
+    steps: Optional[int] = typer.Option(
+        16, "--steps", help="Fixed denoising steps per canvas, adaptive stop off (0: the drafter's own rules)."
+    ),
+    drafter: str = typer.Option("reference", "--drafter", help="Drafter preset or JSON file."),
+    repeat: int = typer.Option(3, "--repeat", help="Timed runs after one warm-up; medians are reported."),
+    as_json: bool = typer.Option(False, "--json", help="Print the figures as JSON."),
+):
+    """Time prefill, decoder steps, commit passes and whole canvases (median, min, max over repeats).
+
+    `--random full --q-bits 4` is the released 26B geometry at the community 4-bit mix: about 15 GB of
+    weights, so a Mac with 24 GB or more.
+    """
+    from .bench import bench as run_bench
+
+    if q_bits not in (None, 4, 6, 8):
+        raise typer.BadParameter("must be 4, 6 or 8", param_hint="--q-bits")
+    typer.echo(run_bench(model, random, dtype, q_bits, prompt_tokens, canvases, steps or None, drafter,
+                         repeat, as_json))
+
+
 def main() -> None:
     from .errors import DiffusionGemmaError
 
@@ -154,6 +202,11 @@ def main() -> None:
         if _DEBUG:
             raise
         typer.echo(f"error: {e}", err=True)
+        raise SystemExit(1)
+    except OSError as e:  # unreadable files and folders (permissions, I/O errors): one line, not a traceback
+        if _DEBUG:
+            raise
+        typer.echo(f"error: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""), err=True)
         raise SystemExit(1)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)

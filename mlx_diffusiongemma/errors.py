@@ -11,3 +11,11 @@ class CheckpointError(DiffusionGemmaError):
 
 class DrafterConfigError(DiffusionGemmaError):
     """A drafter config file or preset is missing or invalid."""
+
+
+class UsageError(DiffusionGemmaError):
+    """A command-line value is invalid (bad JSON, an option that needs another)."""
+
+
+class ContextLengthError(DiffusionGemmaError):
+    """The prompt and the canvases asked for do not fit in the model's context."""

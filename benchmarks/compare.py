@@ -1,0 +1,237 @@
+"""Side by side, in one run: our runner vs mlx-vlm's vs transformers on one random checkpoint.
+
+    pip install -e '.[test]' mlx-vlm cmeel-openblas   # cmeel-openblas (+ libgfortran5) is optional
+    python benchmarks/compare.py [--canvases 2 --steps 4 --prompt-tokens 100 --repeat 3]
+
+Every engine drafts the same number of canvases of the same length with the reference sampler (entropy
+bound, temperature schedule, self-conditioning) at a fixed number of denoising steps, no adaptive stop and
+no EOS, after the same prompt; the script checks that each did the same number of decoder passes. MLX's Linux
+CPU wheel links a slow reference BLAS, so when cmeel-openblas is installed the script re-runs itself with
+OpenBLAS interposed (LD_PRELOAD), which every MLX engine in the process then shares; `--no-openblas` keeps
+the wheel's BLAS. Timings are medians over `--repeat` runs after one warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]
+
+MEDIUM = dict(hidden_size=512, intermediate_size=1024, num_attention_heads=8, num_key_value_heads=4, head_dim=64,
+              global_head_dim=128, num_global_key_value_heads=2, num_experts=16, top_k_experts=4,
+              moe_intermediate_size=256, sliding_window=512, max_position_embeddings=4096)
+
+
+def _openblas() -> str | None:
+    try:
+        import cmeel  # noqa: F401  (cmeel-openblas installs its libraries under cmeel.prefix)
+    except ImportError:
+        return None
+    import site
+
+    for base in site.getsitepackages():
+        lib = Path(base) / "cmeel.prefix" / "lib" / "libopenblas.so.0"
+        if lib.exists():
+            return str(lib)
+    return None
+
+
+def build(path: Path, vocab: int, canvas: int) -> Path:
+    from checkpoints import build_checkpoint
+
+    path = build_checkpoint(path, layout="hub", seed=0, num_layers=6, vocab_size=vocab, canvas_length=canvas,
+                            embed_std=None, **MEDIUM)
+    # Give the small test tokenizer an entry for every model id: mlx-vlm's detokenizer indexes by id.
+    file = path / "tokenizer.json"
+    tokenizer = json.loads(file.read_text())
+    table = tokenizer["model"]["vocab"]
+    taken = set(table.values()) | {t["id"] for t in tokenizer.get("added_tokens", [])}
+    for i in range(vocab):
+        if i not in taken:
+            table[f"<unused{i}>"] = i
+    file.write_text(json.dumps(tokenizer))
+    return path
+
+
+def time_runs(run, repeat: int) -> tuple[list[float], int]:
+    run()  # warm-up: compilation, allocation, page-in
+    times, passes = [], 0
+    for _ in range(repeat):
+        tic = time.perf_counter()
+        passes = run()
+        times.append(time.perf_counter() - tic)
+    return times, passes
+
+
+def ours(path: Path, ids, canvases: int, steps: int, repeat: int):
+    import mlx.core as mx
+
+    from mlx_diffusiongemma.drafter import resolve_drafter
+    from mlx_diffusiongemma.generate import denoise
+    from mlx_diffusiongemma.loader import load_model
+    from mlx_diffusiongemma.noise import MLXNoise
+
+    model = load_model(path)
+    drafter = resolve_drafter("reference", model.generation_config, model.args.canvas_length,
+                              {"max_denoising_steps": steps, "adaptive_stop": False})
+    prompt = mx.array([ids])
+
+    def run():
+        events = denoise(model, prompt, drafter, MLXNoise(0), canvases, eos_ids=[], pad_id=0)
+        return sum(e.steps for e in events if e.kind == "commit")
+
+    times, passes = time_runs(run, repeat)
+    # Forward passes alone (decoder at the canvas shape), to bound what the loop adds around them.
+    cache = model.make_cache()
+    model.encode(prompt, cache)
+    canvas = mx.zeros((1, model.args.canvas_length), dtype=mx.int32)
+    logits = model.decode(canvas, cache)
+    mx.eval(logits)
+    tic = time.perf_counter()
+    for _ in range(3):
+        mx.eval(model.decode(canvas, cache, logits))
+    forward = (time.perf_counter() - tic) / 3
+    return times, passes, forward
+
+
+def mlx_vlm(path: Path, ids, canvases: int, steps: int, repeat: int):
+    import mlx.core as mx
+    from mlx_vlm import load
+
+    class NoStop:  # mlx-vlm's stopping criteria object, minus EOS
+        eos_token_ids: list[int] = []
+
+        def add_eos_token_ids(self, *_):
+            pass
+
+        def reset(self, *_):
+            pass
+
+        def __call__(self, _token):
+            return False
+
+    model, processor = load(str(path))
+    tokenizer = processor.tokenizer
+    tokenizer.stopping_criteria = NoStop()
+    # No stop keys: exactly `steps` passes per canvas; the reference sampler settings.
+    model.config.generation_config = {
+        "sampler_config": {"_cls_name": "EntropyBoundSamplerConfig", "entropy_bound": 0.1}, "t_min": 0.4,
+        "t_max": 0.8,
+    }
+    C = model.config.canvas_length
+    prompt = mx.array([ids], dtype=mx.int32)
+
+    def run():
+        mx.random.seed(0)
+        stats: dict = {}
+        out = model.generate(prompt, tokenizer=tokenizer, processor=processor, steps=steps, gen_length=canvases * C,
+                             diffusion_sampler="entropy-bound", diffusion_full_canvas=True, temperature=1.0,
+                             stats=stats)
+        mx.eval(out)
+        return int(stats["diffusion_denoising_steps"])
+
+    return time_runs(run, repeat)
+
+
+def transformers_engine(path: Path, ids, canvases: int, steps: int, repeat: int):
+    import torch
+
+    from checkpoints import load_reference
+
+    model = load_reference(path)
+    model.set_experts_implementation("grouped_mm") if hasattr(model, "set_experts_implementation") else None
+    C = model.config.canvas_length
+    V = model.config.text_config.vocab_size
+
+    class Counter:  # transformers' diffusion streamer hooks
+        passes = 0
+
+        def put(self, value):
+            pass
+
+        def put_draft(self, value=None, logits=None):
+            Counter.passes += 1
+
+        def end(self):
+            pass
+
+    def run():
+        Counter.passes = 0
+        torch.manual_seed(0)
+        with torch.no_grad():
+            # An EOS id outside the vocabulary never matches; a confidence bound of ~0 never stops early.
+            model.generate(torch.tensor([ids]), max_new_tokens=canvases * C, max_denoising_steps=steps,
+                           eos_token_id=[V + 7], confidence_threshold=1e-30, streamer=Counter())
+        return Counter.passes
+
+    return time_runs(run, repeat)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--canvases", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--prompt-tokens", type=int, default=100)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--canvas-length", type=int, default=256)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--engines", default="ours,mlx-vlm,transformers")
+    parser.add_argument("--no-openblas", action="store_true", help="Keep MLX's own (slow) CPU BLAS.")
+    parser.add_argument("--json", action="store_true")
+    a = parser.parse_args()
+
+    lib = None if a.no_openblas else _openblas()
+    if lib and lib not in os.environ.get("LD_PRELOAD", ""):
+        os.environ["LD_PRELOAD"] = f"{lib}:{os.environ.get('LD_PRELOAD', '')}".rstrip(":")
+        os.execv(sys.executable, [sys.executable, *sys.argv])
+    blas = "OpenBLAS (interposed, shared by every MLX engine)" if lib else "MLX wheel's own BLAS"
+
+    import numpy as np
+
+    ids = np.random.default_rng(0).integers(5, a.vocab, a.prompt_tokens).tolist()
+    engines = {"ours": ours, "mlx-vlm": mlx_vlm, "transformers": transformers_engine}
+    rows, forward = {}, None
+    with tempfile.TemporaryDirectory() as tmp:
+        path = build(Path(tmp) / "medium", a.vocab, a.canvas_length)
+        for name in a.engines.split(","):
+            result = engines[name](path, ids, a.canvases, a.steps, a.repeat)
+            if name == "ours":
+                times, passes, forward = result
+            else:
+                times, passes = result
+            rows[name] = {"ms_per_canvas": 1000 * statistics.median(times) / a.canvases,
+                          "spread_ms": [1000 * min(times) / a.canvases, 1000 * max(times) / a.canvases],
+                          "decoder_passes": passes}
+            print(f"{name}: {rows[name]}", file=sys.stderr, flush=True)
+    expected = a.canvases * a.steps
+    for name, row in rows.items():
+        if row["decoder_passes"] != expected:
+            raise SystemExit(f"{name} ran {row['decoder_passes']} decoder passes, expected {expected}: not the same work")
+    if a.json:
+        print(json.dumps({"blas": blas, "rows": rows, "forward_ms": forward and 1000 * forward}, indent=2))
+        return
+    print(f"medium random checkpoint (hidden 512, 6 layers, 16 experts top-4, vocab {a.vocab}), fp32, "
+          f"canvas {a.canvas_length}, {a.steps} steps x {a.canvases} canvases, {a.prompt_tokens}-token prompt; "
+          f"BLAS: {blas}")
+    base = rows.get("ours", {}).get("ms_per_canvas")
+    print(f"{'engine':<14}{'ms/canvas':>12}{'min':>10}{'max':>10}{'passes':>8}{'ours / it':>11}")
+    for name, row in rows.items():
+        ratio = f"{base / row['ms_per_canvas']:.2f}" if base else "-"
+        lo, hi = row["spread_ms"]
+        print(f"{name:<14}{row['ms_per_canvas']:>12.0f}{lo:>10.0f}{hi:>10.0f}{row['decoder_passes']:>8}{ratio:>11}")
+    if base and forward:
+        work = forward * a.steps * 1000
+        print(f"ours: decoder passes alone {work:.0f} ms of {base:.0f} ms per canvas; outside them (sampler, "
+              f"commit pass, prefill share, loop): {100 * (1 - work / base):.1f}%")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,205 @@
+"""`mlx-diffusiongemma bench`: time prefill, denoising steps and commit passes on this machine.
+
+Random weights with real shapes (`--random full` is the released 26B geometry) let anyone measure their Mac
+without downloading; `--model` times a real checkpoint. Timings use the same functions as generation.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from .errors import DiffusionGemmaError
+from .generate import denoise_canvas, prefill
+from .model import Model, ModelArgs
+
+_COMMON = dict(rms_norm_eps=1e-6, use_bidirectional_attention="vision")
+PRESETS: dict[str, dict] = {
+    "tiny": dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, global_head_dim=32,
+                 num_global_key_value_heads=1, num_experts=8, top_k_experts=2, moe_intermediate_size=32,
+                 sliding_window=128, canvas_length=64),
+    "small": dict(vocab_size=8192, hidden_size=256, intermediate_size=512, num_hidden_layers=6,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=64, global_head_dim=128,
+                  num_global_key_value_heads=1, num_experts=8, top_k_experts=2, moe_intermediate_size=128,
+                  sliding_window=256, canvas_length=128),
+    "medium": dict(vocab_size=32000, hidden_size=512, intermediate_size=1024, num_hidden_layers=6,
+                   num_attention_heads=8, num_key_value_heads=4, head_dim=64, global_head_dim=128,
+                   num_global_key_value_heads=2, num_experts=16, top_k_experts=4, moe_intermediate_size=256,
+                   sliding_window=512, canvas_length=256),
+    # The released google/diffusiongemma-26B-A4B-it text geometry.
+    "full": dict(vocab_size=262144, hidden_size=2816, intermediate_size=2112, num_hidden_layers=30,
+                 num_attention_heads=16, num_key_value_heads=8, head_dim=256, global_head_dim=512,
+                 num_global_key_value_heads=2, num_experts=128, top_k_experts=8, moe_intermediate_size=704,
+                 sliding_window=1024, canvas_length=256, max_position_embeddings=262144),
+}
+
+
+def _parameter_count(args: ModelArgs) -> tuple[int, int]:
+    """(parameters in modules that quantize, other parameters) for a geometry."""
+    h, v = args.hidden_size, args.vocab_size
+    linear = v * h + h * args.intermediate_size * 3  # embedding (= LM head), self-conditioning MLP
+    for i in range(args.num_hidden_layers):
+        d, kv = args.geometry(i)
+        attn = h * args.num_attention_heads * d * 2 + h * kv * d * (2 if args.layer_types[i] != "full_attention" else 1)
+        linear += attn + 3 * h * args.intermediate_size + h * args.num_experts
+        linear += args.num_experts * 3 * h * args.moe_intermediate_size
+    return linear, args.num_hidden_layers * (8 * h + args.num_experts + 4 * 256)
+
+
+def estimated_bytes(args: ModelArgs, dtype: mx.Dtype, q_bits: int | None) -> int:
+    """Weight memory of a geometry: quantized modules at `q_bits` (+ one scale and bias per 64 weights)."""
+    linear, other = _parameter_count(args)
+    width = dtype.size
+    per_weight = q_bits / 8 + 2 * width / 64 if q_bits else width
+    return int(linear * per_weight + other * width)
+
+
+def _system_memory() -> int:
+    if mx.metal.is_available():
+        return int(mx.metal.device_info()["memory_size"])
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def random_model(preset: str, dtype: str = "bfloat16", q_bits: int | None = None) -> Model:
+    """A model of a preset geometry with random weights, built and evaluated layer by layer."""
+    if preset not in PRESETS:
+        raise DiffusionGemmaError(f"unknown --random preset {preset!r}; use one of {', '.join(PRESETS)}")
+    args = ModelArgs(**PRESETS[preset], **_COMMON)
+    target = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}[dtype]
+    need, have = estimated_bytes(args, target, q_bits), _system_memory()
+    if need > 0.75 * have:
+        raise DiffusionGemmaError(
+            f"--random {preset} needs about {need / 2**30:.0f} GiB for weights ({dtype}"
+            f"{f', {q_bits}-bit' if q_bits else ''}) but this machine has {have / 2**30:.0f} GiB; "
+            "use --q-bits 4 or a smaller preset"
+        )
+    model = Model(args)  # random weights stay lazy until evaluated below
+    model.set_dtype(target)
+    if q_bits:
+        nn.quantize(model, class_predicate=lambda path, m: _recipe(path, m, q_bits))
+    dec = model.model.decoder
+    for module in [dec.embed_tokens, *model.layers, dec.self_conditioning]:
+        mx.eval(module.parameters())  # one layer at a time keeps the peak near the final size
+    mx.eval(model.parameters())
+    model.generation_config = {}
+    return model
+
+
+def _recipe(path: str, module: nn.Module, bits: int):
+    """The community mix `convert` writes by default: experts and self-conditioning at `bits`, the rest 8."""
+    from .convert.convert import quant_setting
+
+    if not hasattr(module, "to_quantized") or module.weight.shape[-1] % 64:
+        return False
+    return quant_setting(path, "mixed", {"group_size": 64, "bits": bits, "mode": "affine"})
+
+
+@dataclass
+class BenchResult:
+    prefill_tps: float
+    ms_per_step: float
+    ms_per_commit: float
+    ms_per_canvas: float
+    decode_tps: float
+    steps: int
+    peak_memory_gb: float
+
+
+def run_once(model: Model, drafter, prompt_tokens: int, canvases: int, seed: int) -> BenchResult:
+    """Prefill a random prompt, then draft and commit `canvases` canvases, timing each phase."""
+    rng = np.random.default_rng(seed)
+    ids = mx.array(rng.integers(0, model.args.vocab_size, (1, prompt_tokens)))
+    from .noise import MLXNoise
+
+    noise, cache = MLXNoise(seed), model.make_cache()
+    mx.reset_peak_memory()
+    tic = time.perf_counter()
+    prefill(model, ids, cache)
+    prefill_s = time.perf_counter() - tic
+    step_s, commit_s, canvas_s, committed = [], [], [], None
+    for _ in range(canvases):
+        start = time.perf_counter()
+        if committed is not None:
+            model.encode(committed, cache)
+            mx.eval([c.keys for c in cache])
+            commit_s.append(time.perf_counter() - start)
+        last = time.perf_counter()
+        for committed, _steps in denoise_canvas(model, cache, drafter, noise, 1):
+            now = time.perf_counter()
+            step_s.append(now - last)
+            last = now
+        canvas_s.append(time.perf_counter() - start)
+    C = drafter.canvas_length
+    return BenchResult(
+        prefill_tps=prompt_tokens / prefill_s,
+        ms_per_step=1000 * statistics.median(step_s),
+        ms_per_commit=1000 * statistics.median(commit_s) if commit_s else float("nan"),
+        ms_per_canvas=1000 * statistics.median(canvas_s),
+        decode_tps=C / statistics.median(canvas_s),
+        steps=len(step_s),
+        peak_memory_gb=mx.get_peak_memory() / 1e9,
+    )
+
+
+def summarize(results: list[BenchResult]) -> dict[str, dict[str, float]]:
+    """Median, min and max of every figure over repeats."""
+    out = {}
+    for name in BenchResult.__dataclass_fields__:
+        values = [getattr(r, name) for r in results]
+        out[name] = {"median": statistics.median(values), "min": min(values), "max": max(values)}
+    return out
+
+
+def format_report(summary: dict[str, dict[str, float]], label: str) -> str:
+    s = summary
+
+    def fig(name, fmt):
+        v = s[name]
+        return f"{v['median']:{fmt}} (min {v['min']:{fmt}}, max {v['max']:{fmt}})"
+
+    return "\n".join([
+        f"{label}",
+        f"prefill:        {fig('prefill_tps', '.1f')} tokens/s",
+        f"decoder step:   {fig('ms_per_step', '.1f')} ms",
+        f"commit pass:    {fig('ms_per_commit', '.1f')} ms",
+        f"canvas:         {fig('ms_per_canvas', '.1f')} ms",
+        f"decode:         {fig('decode_tps', '.1f')} tokens/s (canvas tokens / canvas time)",
+        f"peak memory:    {s['peak_memory_gb']['max']:.3f} GB",
+    ])
+
+
+def bench(
+    model_path: str | None, random: str | None, dtype: str | None, q_bits: int | None, prompt_tokens: int,
+    canvases: int, steps: int | None, drafter: str, repeat: int, as_json: bool,
+) -> str:
+    """Build or load the model, warm up once, time `repeat` runs; return the report (text or JSON)."""
+    import json
+
+    from .drafter import resolve_drafter
+
+    if (model_path is None) == (random is None):
+        raise DiffusionGemmaError("pass exactly one of --model PATH and --random PRESET")
+    if random is not None:
+        model = random_model(random, dtype or "bfloat16", q_bits)
+        label = f"random {random} ({dtype or 'bfloat16'}{f', {q_bits}-bit' if q_bits else ''})"
+    else:
+        from .loader import load_model, resolve_path
+
+        model, label = load_model(resolve_path(model_path), dtype=dtype), model_path
+    overrides = {"max_denoising_steps": steps, "adaptive_stop": False} if steps else None
+    config = resolve_drafter(drafter, model.generation_config, model.args.canvas_length, overrides)
+    run_once(model, config, prompt_tokens, 1, seed=0)  # warm-up: compilation and allocation
+    results = [run_once(model, config, prompt_tokens, canvases, seed=i) for i in range(repeat)]
+    summary = summarize(results)
+    label += f", {prompt_tokens}-token prompt, {canvases} canvases x {results[0].steps // canvases} steps, " \
+             f"drafter {config.name}, {mx.default_device()}"
+    if as_json:
+        return json.dumps({"label": label, **summary}, indent=2)
+    return format_report(summary, label)

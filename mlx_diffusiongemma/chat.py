@@ -1,0 +1,148 @@
+"""The `chat` command: a multi-turn conversation that keeps one prompt cache across turns.
+
+Each turn renders the whole history with the chat template (assistant replies under role "assistant",
+which Gemma 4's template writes as `model`) and encodes only the tokens the render adds to what the
+`PromptCache` holds. With a terminal on stdin it is a readline REPL; otherwise it reads one user message
+per line (for scripts and tests) and writes only the replies to stdout.
+
+Ctrl-C while a reply is generating stops it: the partial reply and the message that asked for it are
+dropped from the history and the prompt cache is put back as it was, so the conversation is exactly as
+before that message, and the prompt returns.
+Ctrl-C or Ctrl-D at the prompt ends the session (exit status 0).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from .console import check_context, make_output, parse_template_config, print_stats, stream_reply
+from .errors import ContextLengthError, UsageError
+
+HELP = """\
+Commands:
+  /help            show this list
+  /reset           forget the conversation (the system prompt stays) and clear the prompt cache
+  /max-tokens [N]  show or set the most tokens per reply
+  /quit            leave (so do Ctrl-D and Ctrl-C at the prompt)
+Ctrl-C while a reply is generating stops it; that reply and the message that asked for it are dropped."""
+
+PROMPT = "> "
+
+
+def run_chat(
+    model: str, *, system_prompt: str | None = None, max_tokens: int = 256, seed: int | None = None,
+    drafter: str = "reference", chat_template_config: str | None = None, dtype: str | None = None,
+    live: bool = True, verbose: bool = False,
+) -> None:
+    template_kwargs = parse_template_config(chat_template_config)
+    if max_tokens < 1:
+        raise UsageError(f"--max-tokens must be at least 1 (got {max_tokens})")
+    interactive = _isatty(sys.stdin)
+    if interactive:
+        _enable_readline()
+        _note(f"Loading {model} ...")
+
+    from .cache import PromptCache
+    from .drafter import resolve_drafter
+    from .generate import prompt_to_ids
+    from .loader import load
+    from .noise import MLXNoise
+
+    m, tokenizer = load(model, dtype=dtype)
+    config = resolve_drafter(drafter, getattr(m, "generation_config", None), m.args.canvas_length)
+    out = make_output(m, tokenizer, live)
+    opening = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    history = list(opening)
+    cache = PromptCache()
+    noise = None if seed is None else MLXNoise(seed)  # one random stream for the session: reproducible
+    turn = 0
+    if interactive:
+        _note("Type a message; /help lists commands, Ctrl-D leaves.")
+
+    while True:
+        try:
+            line = input(PROMPT) if interactive else _read_line()
+        except (EOFError, KeyboardInterrupt):
+            if interactive:
+                sys.stdout.write("\n")
+            return
+        if line is None:
+            return
+        text = line.strip()
+        if not text:
+            continue
+        if text.startswith("/"):
+            command, _, arg = text.partition(" ")
+            if command in ("/quit", "/exit"):
+                return
+            if command == "/help":
+                _note(HELP)
+            elif command == "/reset":
+                history, turn = list(opening), 0
+                cache.reset()
+                _note("Conversation cleared.")
+            elif command == "/max-tokens":
+                if arg.strip():
+                    try:
+                        value = int(arg)
+                        if value < 1:
+                            raise ValueError
+                        max_tokens = value
+                    except ValueError:
+                        _note(f"error: /max-tokens takes a positive whole number (got {arg.strip()!r})")
+                        continue
+                _note(f"max tokens per reply: {max_tokens}")
+            else:
+                _note(f"unknown command {command}; /help lists the commands")
+            continue
+
+        before, restore_cache = len(history), cache.checkpoint()
+        try:
+            history.append({"role": "user", "content": line.rstrip("\r\n")})
+            ids = prompt_to_ids(tokenizer, history, True, template_kwargs)
+            check_context(m, len(ids), max_tokens, config.canvas_length,
+                          hint="/reset starts a new conversation, or lower /max-tokens")
+            last, reply = stream_reply(
+                m, tokenizer, ids, out, max_tokens=max_tokens, drafter=config, seed=seed, noise=noise,
+                prompt_cache=cache,
+            )
+        except ContextLengthError as e:
+            del history[before:]
+            _note(f"error: {e}")
+            continue
+        except KeyboardInterrupt:
+            out.end_line()
+            del history[before:]
+            restore_cache()  # the conversation and its cache are as before this message
+            _note("[stopped: the reply and its message were dropped]")
+            continue
+        out.newline()
+        turn += 1
+        history.append({"role": "assistant", "content": reply})
+        if verbose and last is not None:
+            print_stats(last, chat_turn=turn)
+
+
+def _read_line() -> str | None:
+    line = sys.stdin.readline()
+    return line if line else None
+
+
+def _note(text: str) -> None:
+    """Session messages go to stderr, so piped stdout carries only the replies."""
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
+
+
+def _enable_readline() -> None:
+    try:
+        import readline  # noqa: F401  (line editing and history for input())
+    except ImportError:
+        pass
+
+
+def _isatty(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False

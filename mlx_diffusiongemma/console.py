@@ -1,0 +1,140 @@
+"""What the `generate` and `chat` commands share: option checks, the context check, one streamed reply, stats.
+
+Imported only when a command runs (it pulls in MLX), so `--help` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from typing import Any
+
+from .errors import ContextLengthError, UsageError
+from .live import TerminalOutput
+
+
+def parse_template_config(value: str | None) -> dict[str, Any] | None:
+    """`--chat-template-config`: a JSON object of extra chat template variables (None when not given)."""
+    if value is None:
+        return None
+    example = """e.g. '{"enable_thinking": false}'"""
+    try:
+        config = json.loads(value)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"--chat-template-config is not valid JSON ({e.msg} at column {e.colno}); {example}") from None
+    if not isinstance(config, dict):
+        raise UsageError(f"--chat-template-config must be a JSON object, {example}")
+    return config
+
+
+def check_context(model, prompt_tokens: int, max_tokens: int, canvas_length: int, hint: str = "") -> None:
+    """Raise `ContextLengthError` unless the prompt and every canvas `max_tokens` needs fit in the context.
+
+    Canvases are drafted whole, so `max_tokens` takes `ceil(max_tokens / canvas_length)` full canvases of
+    positions after the prompt.
+    """
+    if max_tokens < 1:
+        raise UsageError(f"--max-tokens must be at least 1 (got {max_tokens})")
+    limit = model.args.max_position_embeddings
+    canvases = math.ceil(max_tokens / canvas_length)
+    need = prompt_tokens + canvases * canvas_length
+    if need > limit:
+        plural = "canvas" if canvases == 1 else "canvases"
+        raise ContextLengthError(
+            f"the prompt is {prompt_tokens} tokens and --max-tokens {max_tokens} needs {canvases} {plural} of "
+            f"{canvas_length}: {need} positions, more than the model's context of {limit}; "
+            f"{hint or 'shorten the prompt or lower --max-tokens'}"
+        )
+
+
+def make_output(model, tokenizer, live: bool, stream=None) -> TerminalOutput:
+    from .generate import _eos_ids
+
+    return TerminalOutput(tokenizer, stream, live=live, eos_ids=_eos_ids(model, tokenizer))
+
+
+def stream_reply(model, tokenizer, ids: list[int], out: TerminalOutput, *, max_tokens: int, drafter, seed=None,
+                 noise=None, prompt_cache=None):
+    """Generate one reply to `ids`, printing it through `out` (live drafts on a terminal).
+
+    Returns `(last response, reply text)`. The status line is erased even when interrupted (Ctrl-C).
+    """
+    from .generate import stream_generate
+
+    last, pieces = None, []
+    try:
+        for r in stream_generate(
+            model, tokenizer, ids, max_tokens=max_tokens, drafter=drafter, seed=seed, noise=noise,
+            draft_preview=out.live, prompt_cache=prompt_cache,
+        ):
+            if r.draft is not None:
+                out.draft(r.draft, r.canvas, r.step, max_tokens - r.generation_tokens)
+                continue
+            out.write(r.text)
+            pieces.append(r.text)
+            last = r
+    finally:
+        out.clear()
+    return last, "".join(pieces)
+
+
+def stats_lines(r, chat_turn: int | None = None) -> list[str]:
+    """The statistics printed after a reply (`--verbose`); chat adds what the prompt cache saved."""
+    steps = "/".join(str(s) for s in r.steps_per_canvas)
+    ms_per_step = r.generation_time / max(r.total_steps, 1) * 1000
+    lines = [
+        f"Prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.3f} tokens-per-sec",
+        f"Generation: {r.generation_tokens} tokens, {r.generation_tps:.3f} tokens-per-sec",
+        f"Peak memory: {r.peak_memory:.3f} GB",
+        f"Diffusion: {r.canvases} canvases, steps per canvas {steps} ({r.total_steps} decoder passes), "
+        f"{ms_per_step:.1f} ms per step, {r.tokens_per_forward:.2f} tokens per forward, drafter {r.drafter}, "
+        f"seed {r.seed}, finish {r.finish_reason}",
+    ]
+    if chat_turn is not None:
+        lines.append(
+            f"Chat: turn {chat_turn}, {r.prompt_tokens - r.prompt_cached} tokens encoded this turn, "
+            f"{r.prompt_cached} reused from the cache"
+        )
+    return lines
+
+
+def print_stats(r, chat_turn: int | None = None, stream=None) -> None:
+    stream = stream if stream is not None else sys.stderr
+    stream.write("\n".join(["=" * 10, *stats_lines(r, chat_turn)]) + "\n")
+    stream.flush()
+
+
+def run_generate(
+    model: str, prompt: str, *, system_prompt: str | None, max_tokens: int, seed: int | None, drafter: str,
+    ignore_chat_template: bool, chat_template_config: str | None, dtype: str | None, live: bool, verbose: bool,
+) -> None:
+    """The `generate` command: checks every option before loading, then streams one reply to stdout."""
+    template_kwargs = parse_template_config(chat_template_config)
+    if ignore_chat_template and system_prompt:
+        raise UsageError("--system-prompt needs the chat template (drop --ignore-chat-template)")
+    if ignore_chat_template and template_kwargs:
+        raise UsageError("--chat-template-config needs the chat template (drop --ignore-chat-template)")
+    if max_tokens < 1:
+        raise UsageError(f"--max-tokens must be at least 1 (got {max_tokens})")
+    text = sys.stdin.read() if prompt == "-" else prompt
+
+    from .drafter import resolve_drafter
+    from .generate import prompt_to_ids
+    from .loader import load
+
+    m, tokenizer = load(model, dtype=dtype)
+    config = resolve_drafter(drafter, getattr(m, "generation_config", None), m.args.canvas_length)
+    if ignore_chat_template:
+        request = text
+    else:
+        request = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
+            {"role": "user", "content": text}
+        ]
+    ids = prompt_to_ids(tokenizer, request, not ignore_chat_template, template_kwargs)
+    check_context(m, len(ids), max_tokens, config.canvas_length)
+    out = make_output(m, tokenizer, live)
+    last, _ = stream_reply(m, tokenizer, ids, out, max_tokens=max_tokens, drafter=config, seed=seed)
+    out.newline()
+    if verbose and last is not None:
+        print_stats(last)

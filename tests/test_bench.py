@@ -1,0 +1,39 @@
+"""`mlx-diffusiongemma bench`: runs on random weights, reports every figure, refuses what cannot fit."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from mlx_diffusiongemma.bench import PRESETS, _system_memory, estimated_bytes
+from mlx_diffusiongemma.model import ModelArgs
+import mlx.core as mx
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "mlx_diffusiongemma", "bench", *args], capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_bench_random_tiny_json():
+    result = _cli("--random", "tiny", "--steps", "3", "--canvases", "2", "--repeat", "2", "--json",
+                  "--dtype", "float32", "--prompt-tokens", "40")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    for name in ("prefill_tps", "ms_per_step", "ms_per_commit", "ms_per_canvas", "decode_tps"):
+        assert report[name]["min"] <= report[name]["median"] <= report[name]["max"]
+        assert report[name]["median"] > 0
+    assert report["steps"]["median"] == 6  # 2 canvases x 3 fixed steps: adaptive stop is off
+
+
+def test_full_geometry_estimate_and_refusal():
+    args = ModelArgs(**PRESETS["full"])
+    bf16 = estimated_bytes(args, mx.bfloat16, None)
+    assert 48e9 < bf16 < 54e9  # the released checkpoint's text weights are ~50.5 GB in bf16
+    assert estimated_bytes(args, mx.bfloat16, 4) < 16e9
+    if _system_memory() > 64 * 2**30:
+        pytest.skip("this machine could hold the full bf16 geometry")
+    result = _cli("--random", "full", "--dtype", "bfloat16")
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and "GiB" in result.stderr and "--q-bits 4" in result.stderr
