@@ -1,9 +1,11 @@
 """Convert a DiffusionGemma checkpoint to a text-only MLX folder (bf16/fp16/fp32, optionally quantized).
 
-The conversion streams: one source shard is open at a time, each tensor is sanitized, cast and (optionally)
-quantized on its own, and output shards are written as soon as they reach the size cap. The output is
-built in a hidden temporary folder beside the target and renamed into place only once complete, so an
-interrupted or failed run never leaves a half-written model behind.
+The conversion streams: every output tensor's dtype, shape and place in the output shards is planned from the
+source safetensors headers before any data is read; then each tensor is read, cast and (optionally) quantized
+at most 64 MiB of rows at a time and written in place, and tensors whose bytes do not change are copied file
+to file. Memory use stays flat (a few hundred MB) whatever the tensor and shard sizes. The output is built
+in a hidden temporary folder beside the target and renamed into place only once complete, so an interrupted
+or failed run never leaves a half-written model behind.
 """
 
 from __future__ import annotations
@@ -227,17 +229,24 @@ def _copy_range(src_fd: int, dst_fd: int, n: int, src_off: int, dst_off: int, bu
         n, src_off, dst_off = n - chunk, src_off + chunk, dst_off + chunk
 
 
+class _ReadError(Exception):
+    """A source shard could not be read (the message says why)."""
+
+
 def _read_exact(fd: int, view: memoryview, offset: int) -> None:
     got = 0
     while got < len(view):
-        if hasattr(os, "preadv"):
-            n = os.preadv(fd, [view[got:]], offset + got)
-        else:
-            data = os.pread(fd, len(view) - got, offset + got)
-            n = len(data)
-            view[got : got + n] = data
+        try:
+            if hasattr(os, "preadv"):
+                n = os.preadv(fd, [view[got:]], offset + got)
+            else:
+                data = os.pread(fd, len(view) - got, offset + got)
+                n = len(data)
+                view[got : got + n] = data
+        except OSError as e:
+            raise _ReadError(e.strerror or str(e)) from None
         if n == 0:
-            raise EOFError("the file ended early")
+            raise _ReadError("it ended early")
         got += n
 
 
@@ -431,14 +440,18 @@ def _convert_into(
     sources: dict[Path, int] = {}
     try:
         for done, unit in enumerate(units, 1):
-            if unit.file not in sources:
-                for fd in sources.values():
-                    os.close(fd)
-                sources = {unit.file: os.open(unit.file, os.O_RDONLY)}
             try:
+                if unit.file not in sources:
+                    for fd in sources.values():
+                        os.close(fd)
+                    sources = {}
+                    try:
+                        sources[unit.file] = os.open(unit.file, os.O_RDONLY)
+                    except OSError as e:
+                        raise _ReadError(e.strerror or str(e)) from None
                 _write_unit(unit, sources[unit.file], shards, buf)
-            except EOFError:
-                raise CheckpointError(f"cannot read {unit.file} (it ended early); re-download it") from None
+            except _ReadError as e:
+                raise CheckpointError(f"cannot read {unit.file} ({e}); re-download it") from None
             shards.close_before(max((o.shard for o in unit.outs), default=0))
             if progress is not None:
                 progress(done, len(units))

@@ -48,6 +48,8 @@ def _read_json(path: Path) -> dict:
         raise CheckpointError(f"{path.name} is missing from {path.parent}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path} is not valid JSON ({e}); re-download or fix it") from None
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path} ({e.strerror}); check its permissions") from None
 
 
 def weight_files(path: Path) -> list[Path]:
@@ -74,8 +76,8 @@ def weight_files(path: Path) -> list[Path]:
 
 def check_safetensors(file: Path) -> dict[str, Any]:
     """Parse a safetensors header and check the file holds every byte it promises."""
-    size = file.stat().st_size
     try:
+        size = file.stat().st_size
         with open(file, "rb") as f:
             (n,) = struct.unpack("<Q", f.read(8))
             if n > size - 8:
@@ -84,6 +86,8 @@ def check_safetensors(file: Path) -> dict[str, Any]:
         end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
     except (struct.error, ValueError, KeyError, TypeError, UnicodeDecodeError):
         raise CheckpointError(f"{file} is not a valid safetensors file; re-download it") from None
+    except OSError as e:
+        raise CheckpointError(f"cannot read {file} ({e.strerror}); check its permissions") from None
     if 8 + n + end > size:
         raise CheckpointError(
             f"{file} is truncated ({size} bytes, header needs {8 + n + end}); re-download it"

@@ -236,12 +236,14 @@ class Experts(nn.Module):
     def __call__(self, x: mx.array, idx: mx.array, weights: mx.array) -> mx.array:
         N, k = idx.shape
         sort = idx.size >= 64  # grouping rows by expert pays off once there are many of them
+        # Expand before gathering: gather_mm is ~4x slower on CPU when its input is a strided view.
+        x = mx.expand_dims(x, -2)
         if sort:
             flat = idx.flatten()
             order = mx.argsort(flat)
-            xs, ids = x[order // k][:, None, :], flat[order]
+            xs, ids = x[order // k], flat[order]
         else:
-            xs, ids = x[:, None, None, :], idx
+            xs, ids = mx.expand_dims(x, -3), idx
         gate, up = mx.split(_switch(self.gate_up_proj, xs, ids, sort), 2, axis=-1)
         y = _switch(self.down_proj, gelu(gate) * up, ids, sort)
         y = y[mx.argsort(order)] if sort else y

@@ -223,6 +223,52 @@ def test_indivisible_dims_stay_unquantized(tiny_ckpt, tmp_path):
     assert cache is not None
 
 
+@pytest.mark.parametrize("chunk", [1000, 200])
+def test_chunked_conversion_is_exact(chunk, source, tmp_path, monkeypatch):
+    """Tensors are read, cast and quantized a bounded number of rows at a time and written in place, and
+    unchanged ones are copied file to file: tiny chunks (200 bytes is under one 256-byte row), without the
+    in-kernel copy or preadv, give exactly the tensors of one chunk per tensor, and the same files."""
+    import importlib
+
+    module = importlib.import_module("mlx_diffusiongemma.convert.convert")
+    runs = {
+        "fp32 copy": dict(),
+        "bf16 cast": dict(dtype="bfloat16"),
+        "mixed 4-bit": dict(dtype="bfloat16", quantize=True),
+        "uniform mxfp4 fp32": dict(quantize=True, q_mode="mxfp4", q_group_size=32, q_recipe="uniform"),
+    }
+    whole = {name: convert(source, tmp_path / f"whole-{i}", **kw) for i, (name, kw) in enumerate(runs.items())}
+    monkeypatch.setattr(module, "_CHUNK_BYTES", chunk)
+    monkeypatch.delattr(os, "copy_file_range", raising=False)
+    if chunk < 256:
+        monkeypatch.delattr(os, "preadv", raising=False)
+    for i, (name, kw) in enumerate(runs.items()):
+        out = convert(source, tmp_path / f"chunked-{i}", **kw)
+        expected, got = _tensors(whole[name]), _tensors(out)
+        assert set(got) == set(expected), name
+        for key, value in got.items():
+            assert value.dtype == expected[key].dtype and mx.array_equal(value, expected[key]).item(), (name, key)
+        for f in whole[name].glob("*.safetensors"):
+            assert (out / f.name).read_bytes() == f.read_bytes(), (name, f.name)
+
+
+def test_output_is_valid_safetensors(source, tmp_path, monkeypatch):
+    """Shards written in place pass the safetensors library's own checks (contiguous offsets, sizes)."""
+    from safetensors import safe_open
+
+    monkeypatch.setenv("MLX_DIFFUSIONGEMMA_CONVERT_SHARD_BYTES", "100000")
+    out = convert(source, tmp_path / "q", dtype="bfloat16", quantize=True)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    seen = {}
+    for shard in sorted(out.glob("*.safetensors")):
+        assert (8 + int.from_bytes(shard.read_bytes()[:8], "little")) % 8 == 0  # data 8-byte aligned
+        with safe_open(str(shard), "pt") as f:
+            assert f.metadata() == {"format": "mlx"}
+            seen.update({k: shard.name for k in f.keys()})
+    assert seen == index["weight_map"]
+    assert index["metadata"]["total_size"] == sum(v.nbytes for v in _tensors(out).values())
+
+
 def test_sharded_output_and_progress(source, tmp_path, monkeypatch):
     cap = 100_000
     monkeypatch.setenv("MLX_DIFFUSIONGEMMA_CONVERT_SHARD_BYTES", str(cap))
