@@ -22,6 +22,7 @@ from .cache import LayerCache, PromptCache
 from .drafter import DrafterConfig, resolve_drafter
 from .model import Model
 from .noise import MLXNoise, NoiseSource
+from .parallel import per_position
 
 PREFILL_STEP = 2048
 
@@ -50,38 +51,48 @@ def _accept(drafter: DrafterConfig, ent: mx.array, total: mx.array) -> mx.array:
     return sampler.entropy_bound_accept(ent, drafter.entropy_bound)
 
 
-def _next_probs(model: Model, scaled: mx.array, weights: mx.array, total: mx.array) -> mx.array:
+def _vocab_stats(raw: mx.array, temp: float, sc_dtype) -> tuple[mx.array, ...]:
+    """Per position: entropy, softmax total, argmax, sampling probabilities, next self-conditioning probs."""
+    scaled, weights, total, ent, argmax = sampler.distribution(raw, temp)
+    probs = weights / total[..., None]
     # The next step self-conditions on softmax of these logits after rounding them to the weight dtype.
-    if model.dtype == mx.float32:
-        return weights / total[..., None]  # exactly that softmax, already half computed
-    return mx.softmax(scaled.astype(model.dtype).astype(mx.float32), axis=-1)
+    sc = probs if sc_dtype == mx.float32 else mx.softmax(scaled.astype(sc_dtype).astype(mx.float32), axis=-1)
+    return ent, total, argmax, probs, sc
 
 
 def denoise_canvas(model: Model, cache, drafter: DrafterConfig, noise: NoiseSource, batch: int):
     """Draft one canvas: yields `(argmax canvas, steps)` after every decoder pass; the last is committed."""
     N, V, C = drafter.max_denoising_steps, model.args.vocab_size, drafter.canvas_length
     x = noise.randint((batch, C), V)
-    probs, argmax, history = None, x, ()
+    sc, argmax, history = None, x, ()
     done = mx.zeros((batch,), dtype=mx.bool_)
     for n in range(N, 0, -1):
-        logits = model.decode(x, cache, self_conditioning_probs=probs)
+        raw = model.decode(x, cache, self_conditioning_probs=sc, apply_softcap=False)
         temp = sampler.temperature(n, N, drafter.t_min, drafter.t_max)
-        scaled, weights, total, ent, new_argmax = sampler.distribution(logits, temp)
-        sample = noise.categorical(weights, total)
+        if n == 1:  # only the argmax of the last step is used (committed); its draws are still consumed
+            noise.skip_categorical((batch, C))
+            noise.randint((batch, C), V)
+            new_argmax = per_position(lambda r: mx.argmax(sampler.scaled_logits(r, temp), axis=-1), raw)
+            new_argmax = new_argmax.astype(mx.int32)
+            argmax = mx.where(done[:, None], argmax, new_argmax) if drafter.adaptive_stop else new_argmax
+            mx.eval(argmax)
+            yield argmax, N
+            return
+        ent, total, new_argmax, probs, new_sc = per_position(lambda r: _vocab_stats(r, temp, model.dtype), raw)
+        sample = noise.categorical(probs)
         x_new = sampler.renoise(sample, _accept(drafter, ent, total), noise.randint((batch, C), V))
-        new_probs = _next_probs(model, scaled, weights, total)
         if drafter.adaptive_stop:
             if batch > 1 and n < N:
                 # Rows that already stopped keep their canvas, argmax and self-conditioning (reference 1.c.iv).
                 new_argmax = mx.where(done[:, None], argmax, new_argmax)
                 x_new = mx.where(done[:, None], x, x_new)
-                new_probs = mx.where(done[:, None, None], probs, new_probs)
+                new_sc = mx.where(done[:, None, None], sc, new_sc)
             stop, history = sampler.stop_test(
                 new_argmax, history, ent, drafter.stability_threshold, drafter.confidence_threshold
             )
             done = done | stop
-        x, argmax, probs = x_new, new_argmax, new_probs
-        mx.eval(x, argmax, probs, done)
+        x, argmax, sc = x_new, new_argmax, new_sc
+        mx.eval(x, argmax, sc, done)
         yield argmax, N - n + 1
         if drafter.adaptive_stop and done.all().item():  # the one host sync a step needs
             return

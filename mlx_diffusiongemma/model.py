@@ -172,14 +172,19 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(d, args.rms_norm_eps)
         self.eps = args.rms_norm_eps
 
-    def __call__(self, x, rope, kv_context, mask=None):
+    def kv(self, x: mx.array, rope) -> tuple[mx.array, mx.array]:
+        """This layer's K (normed, roped) and V (value-normed) for `x`, as `[B, kv_heads, L, head_dim]`."""
         B, L, _ = x.shape
-        q = apply_rope(self.q_norm(self.q_proj(x).reshape(B, L, self.n_heads, -1)), *rope)
         raw_k = self.k_proj(x).reshape(B, L, self.n_kv, -1)
         raw_v = self.v_proj(x).reshape(B, L, self.n_kv, -1) if "v_proj" in self else raw_k
         k = apply_rope(self.k_norm(raw_k), *rope)
         v = rms_norm(raw_v, None, self.eps)
-        keys, values = kv_context(k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))
+        return k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+
+    def __call__(self, x, rope, kv_context, mask=None):
+        B, L, _ = x.shape
+        q = apply_rope(self.q_norm(self.q_proj(x).reshape(B, L, self.n_heads, -1)), *rope)
+        keys, values = kv_context(*self.kv(x, rope))
         out = mx.fast.scaled_dot_product_attention(
             q.transpose(0, 2, 1, 3), keys, values, scale=1.0, mask=mask
         )
@@ -249,6 +254,7 @@ class Experts(nn.Module):
         y = y[mx.argsort(order)] if sort else y
         y = _wide(y.reshape(N, k, -1))
         return (y * weights[..., None]).sum(axis=1)  # fp32 accumulation over the top-k experts
+
 
 
 class DecoderLayer(nn.Module):
@@ -332,8 +338,9 @@ class _Stacks(nn.Module):
 
 
 @partial(mx.compile, shapeless=True)
-def _softcap(logits: mx.array) -> mx.array:
-    return SOFTCAP * mx.tanh(logits / SOFTCAP)  # one fused pass over the vocabulary
+def softcap(logits: mx.array) -> mx.array:
+    """The final logit softcap, in fp32: `30 * tanh(logits / 30)` as one fused pass over the vocabulary."""
+    return SOFTCAP * mx.tanh(logits / SOFTCAP)
 
 
 class Model(nn.Module):
@@ -383,8 +390,12 @@ class Model(nn.Module):
         ropes = self._ropes(cache_offset(cache), n, x.dtype)
         scalars = self.model.encoder.language_model.layers
         masks: dict[str, mx.array] = {}
+        last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             t = self.args.layer_types[i]
+            if i == last:  # nothing reads the encoder's output, only its K/V: skip the last layer's rest
+                cache[i].append(*layer.self_attn.kv(layer.input_layernorm(x), ropes[t]))
+                break
             if t not in masks:
                 masks[t] = self._encoder_mask(cache[i], n, t)
             x = layer(x, ropes[t], cache[i].append, masks[t], scalars[i].layer_scalar)
@@ -409,12 +420,15 @@ class Model(nn.Module):
         self_conditioning_logits: mx.array | None = None,
         *,
         self_conditioning_probs: mx.array | None = None,
+        apply_softcap: bool = True,
     ) -> mx.array:
         """Bidirectional canvas pass over `[cache ; canvas]`; returns `[B, C, V]` fp32 softcapped logits.
 
         The cache is read, never advanced. `self_conditioning_logits` are the previous step's
         temperature-scaled logits (None on a canvas's first step); the loop may pass their softmax as
-        `self_conditioning_probs` instead, computed alongside its sampler statistics.
+        `self_conditioning_probs` instead, computed alongside its sampler statistics. With
+        `apply_softcap=False` the logits come back before the final softcap (`softcap(logits)` applies it),
+        so the loop can fuse it with its own pass over the vocabulary.
         """
         dec = self.model.decoder
         e = self._embed(canvas_ids)
@@ -428,7 +442,8 @@ class Model(nn.Module):
         for i, layer in enumerate(self.layers):
             t = self.args.layer_types[i]
             x = layer(x, ropes[t], cache[i].with_canvas, None, layer.layer_scalar)
-        return _softcap(dec.embed_tokens.as_linear(dec.norm(x)).astype(mx.float32))
+        logits = dec.embed_tokens.as_linear(dec.norm(x)).astype(mx.float32)
+        return softcap(logits) if apply_softcap else logits
 
     @staticmethod
     def sanitize(weights: dict[str, mx.array]) -> dict[str, mx.array]:

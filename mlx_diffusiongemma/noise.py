@@ -12,6 +12,7 @@ from typing import Protocol
 import mlx.core as mx
 import numpy as np
 
+from .parallel import per_position
 from .sampler import inverse_cdf_sample
 
 
@@ -19,8 +20,12 @@ class NoiseSource(Protocol):
     def randint(self, shape: tuple[int, ...], high: int) -> mx.array:
         """Uniform ids in `[0, high)`."""
 
-    def categorical(self, weights: mx.array, total: mx.array) -> mx.array:
-        """One draw per position from `weights / total` (unnormalised probabilities): [B, C, V] -> [B, C]."""
+    def categorical(self, probs: mx.array) -> mx.array:
+        """One draw per position from `probs` over the last axis: [B, C, V] -> [B, C]."""
+
+    def skip_categorical(self, shape: tuple[int, ...]) -> None:
+        """Consume the numbers `categorical` would for `shape` positions, without drawing (a step whose
+        sample is never used still advances the stream, as the reference's does)."""
 
 
 class MLXNoise:
@@ -36,9 +41,12 @@ class MLXNoise:
     def randint(self, shape: tuple[int, ...], high: int) -> mx.array:
         return mx.random.randint(0, high, shape, dtype=mx.int32, key=self._next())
 
-    def categorical(self, weights: mx.array, total: mx.array) -> mx.array:
-        u = mx.random.uniform(shape=total.shape, key=self._next())
-        return inverse_cdf_sample(weights, total, u)
+    def categorical(self, probs: mx.array) -> mx.array:
+        u = mx.random.uniform(shape=probs.shape[:-1], key=self._next())
+        return per_position(inverse_cdf_sample, probs, u)
+
+    def skip_categorical(self, shape: tuple[int, ...]) -> None:
+        self._next()
 
 
 def inverse_cdf(probs: np.ndarray, u: np.ndarray) -> np.ndarray:
@@ -62,8 +70,11 @@ class NumpyNoise:
     def randint(self, shape: tuple[int, ...], high: int) -> mx.array:
         return mx.array(self.rng.integers(0, high, size=shape), dtype=mx.int32)
 
-    def categorical(self, weights: mx.array, total: mx.array) -> mx.array:
-        probs = np.array(weights / total[..., None])
-        flat = probs.reshape(-1, probs.shape[-1])
+    def categorical(self, probs: mx.array) -> mx.array:
+        host = np.array(probs)
+        flat = host.reshape(-1, host.shape[-1])
         idx = inverse_cdf(flat, self.rng.random(flat.shape[0]))
-        return mx.array(idx.reshape(probs.shape[:-1]), dtype=mx.int32)
+        return mx.array(idx.reshape(host.shape[:-1]), dtype=mx.int32)
+
+    def skip_categorical(self, shape: tuple[int, ...]) -> None:
+        self.rng.random(int(np.prod(shape)))

@@ -27,14 +27,19 @@ def temperature(step: int, max_steps: int, t_min: float, t_max: float) -> float:
 
 
 @partial(mx.compile, shapeless=True)
-def _entropy_and_mass(x: mx.array, x_max: mx.array) -> tuple[mx.array, mx.array]:
+def _exp_weights(x: mx.array, x_max: mx.array) -> tuple[mx.array, mx.array, mx.array]:
     # With y = x - max <= 0 and s = sum(e^y): H = log s - sum(e^y * y) / s, a sum of two non-negative terms.
     # Unlike -sum(p * (x - logsumexp)), nothing hinges on the rounding of logsumexp, which for |x| ~ 1e6 in
-    # float32 is off by ulp(1e6) = 0.06 nats. Compiled so that the [B, C, V] pass is one fused kernel.
+    # float32 is off by ulp(1e6) = 0.06 nats.
     y = x - x_max
     e = mx.exp(y)
     s = e.sum(axis=-1)
-    return mx.log(s) - (e * y).sum(axis=-1) / s, s
+    return e, s, mx.log(s) - (e * y).sum(axis=-1) / s
+
+
+def _entropy_and_mass(x: mx.array, x_max: mx.array) -> tuple[mx.array, mx.array]:
+    _, s, ent = _exp_weights(x, x_max)
+    return ent, s
 
 
 def entropy(logits: mx.array) -> mx.array:
@@ -160,33 +165,34 @@ def finalize_eos(
 
 
 @partial(mx.compile, shapeless=True)
-def _scaled_distribution(logits: mx.array, t: mx.array):
-    # One pass for the max, one fused pass for exp and both sums; `logits / t` exactly as the reference
-    # divides (not a multiplication by 1/t, which rounds differently).
-    x = logits / t
-    x_max = x.max(axis=-1, keepdims=True)
-    y = x - x_max
-    e = mx.exp(y)
-    s = e.sum(axis=-1)
-    return x, e, s, mx.log(s) - (e * y).sum(axis=-1) / s
+def _capped_scaled(raw: mx.array, t: mx.array) -> mx.array:
+    # The reference's softcap then temperature, in its order: 30 * tanh(raw / 30), then / t (not * 1/t).
+    return 30.0 * mx.tanh(raw / 30.0) / t
 
 
-def distribution(logits: mx.array, temp: float) -> tuple[mx.array, mx.array, mx.array, mx.array, mx.array]:
-    """Everything a denoising step needs from its temperature-scaled logits, in few passes over V.
+def scaled_logits(raw: mx.array, temp: float) -> mx.array:
+    """Softcapped (30), temperature-scaled fp32 logits from the LM head's raw output, in one fused pass."""
+    return _capped_scaled(raw.astype(mx.float32), mx.array(temp, dtype=mx.float32))
 
-    Returns `(scaled, weights, total, entropy, argmax)`: `scaled = logits / temp`, `weights = exp(scaled -
-    max)` (unnormalised probabilities, [B, C, V]), `total = weights.sum(-1)`, the entropy per position in
-    nats and the argmax (int32, first index among equal maxima). `weights / total` are the probabilities
-    that categorical sampling and the next step's self-conditioning use, and `1 / total` is the top one.
+
+def distribution(raw: mx.array, temp: float) -> tuple[mx.array, mx.array, mx.array, mx.array, mx.array]:
+    """Everything a denoising step needs from the LM head's raw logits, in few passes over V.
+
+    Returns `(scaled, weights, total, entropy, argmax)`: `scaled = softcap(raw) / temp` (the reference's
+    processed logits), `weights = exp(scaled - max)` (unnormalised probabilities, [B, C, V]),
+    `total = weights.sum(-1)`, the entropy per position in nats and the argmax (int32, the first index
+    among equal maxima). `weights / total` are the probabilities, and `1 / total` is the top one.
     """
-    scaled, e, s, ent = _scaled_distribution(logits.astype(mx.float32), mx.array(temp, dtype=mx.float32))
-    return scaled, e, s, ent, mx.argmax(scaled, axis=-1).astype(mx.int32)
+    scaled = scaled_logits(raw, temp)
+    argmax = mx.argmax(scaled, axis=-1, keepdims=True)
+    e, s, ent = _exp_weights(scaled, mx.take_along_axis(scaled, argmax, axis=-1))
+    return scaled, e, s, ent, argmax.squeeze(-1).astype(mx.int32)
 
 
-def inverse_cdf_sample(weights: mx.array, total: mx.array, u: mx.array) -> mx.array:
-    """Categorical draw per position: the first index whose running weight exceeds `u * total`.
+def inverse_cdf_sample(probs: mx.array, u: mx.array) -> mx.array:
+    """Categorical draw per position: the first index whose running probability exceeds `u` [B, C].
 
     One uniform per position instead of a Gumbel variate per vocabulary entry.
     """
-    below = mx.cumsum(weights, axis=-1) <= (u * total)[..., None]
-    return mx.minimum(below.sum(axis=-1), weights.shape[-1] - 1).astype(mx.int32)
+    below = mx.cumsum(probs, axis=-1) <= u[..., None]
+    return mx.minimum(below.sum(axis=-1), probs.shape[-1] - 1).astype(mx.int32)
