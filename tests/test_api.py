@@ -172,3 +172,25 @@ def test_prompt_cache_encodes_only_new_tokens(tiny):
     rewritten = [2, 105, 99] + ids2[3:]  # history changed: the cache must not be reused
     third = list(stream_generate(model, tokenizer, rewritten, max_tokens=C, seed=3, prompt_cache=cache))
     assert third[-1].prompt_cached == 0 and cache.tokens == rewritten
+
+
+def test_hub_repo_id_resolves_from_the_cache_offline(tiny_ckpt, tmp_path, monkeypatch):
+    """A repo id is looked up in the Hugging Face cache; offline and uncached is one actionable line."""
+    import shutil
+
+    snapshot = tmp_path / "hub" / "models--acme--tiny-dg" / "snapshots" / ("a" * 40)
+    shutil.copytree(tiny_ckpt, snapshot)
+    (tmp_path / "hub" / "models--acme--tiny-dg" / "refs").mkdir()
+    (tmp_path / "hub" / "models--acme--tiny-dg" / "refs" / "main").write_text("a" * 40)
+    env = {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    code = "from mlx_diffusiongemma import load; m, t = load('acme/tiny-dg'); print(sorted(t.eos_token_ids))"
+    import os
+
+    found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                           env={**os.environ, **env})
+    assert found.returncode == 0, found.stderr
+    assert found.stdout.strip() == "[1, 50, 106]"  # EOS completed from generation_config.json
+    missing = subprocess.run([sys.executable, "-m", "mlx_diffusiongemma", "info", "--model", "acme/absent"],
+                             capture_output=True, text=True, timeout=300, env={**os.environ, **env})
+    assert missing.returncode == 1 and missing.stderr.count("\n") == 1
+    assert "acme/absent" in missing.stderr and "local folder" in missing.stderr

@@ -291,15 +291,8 @@ def test_sharded_output_and_progress(source, tmp_path, monkeypatch):
 def vlm_folders(source, tmp_path_factory):
     vlm_convert = _mlx_vlm_convert()
     root = tmp_path_factory.mktemp("vlm")
-    runs = {
-        "bf16": dict(),
-        "4-bit": dict(quantize=True),
-        "6-bit": dict(quantize=True, q_bits=6),
-        "8-bit": dict(quantize=True, q_bits=8),
-        "mxfp4": dict(quantize=True, q_mode="mxfp4", q_group_size=32),
-    }
     out = {}
-    for name, kw in runs.items():
+    for name, kw in OURS_FOR_VLM.items():  # the same settings on both sides
         vlm_convert(str(source), str(root / name.replace("-", "")), dtype="bfloat16", **kw)
         out[name] = root / name.replace("-", "")
     return out

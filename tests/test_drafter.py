@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+from checkpoints import RELEASED_GENERATION_CONFIG
 
 from mlx_diffusiongemma.drafter import (
     REFERENCE_DEFAULTS,
@@ -14,17 +15,7 @@ from mlx_diffusiongemma.drafter import (
 )
 from mlx_diffusiongemma.errors import DrafterConfigError
 
-RELEASED_GENERATION_CONFIG = {
-    "max_new_tokens": 256,
-    "max_denoising_steps": 48,
-    "sampler_config": {"_cls_name": "EntropyBoundSamplerConfig", "entropy_bound": 0.1},
-    "t_min": 0.4,
-    "t_max": 0.8,
-    "stability_threshold": 1,
-    "confidence_threshold": 0.005,
-    "eos_token_id": [1, 106, 50],
-    "pad_token_id": 0,
-}
+
 FRESH_SAVE_GENERATION_CONFIG = {
     "max_new_tokens": None,
     "max_denoising_steps": None,
