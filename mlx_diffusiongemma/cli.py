@@ -193,6 +193,32 @@ def bench(
                          repeat, as_json))
 
 
+@app.command()
+def finetune(
+    model: str = typer.Option(..., "--model", "-m", help=_MODEL_HELP),
+    data: str = typer.Option(
+        ..., "--data", help='JSONL file: one {"messages": [...]} or {"prompt": ..., "completion": ...} per line.'
+    ),
+    lora_rank: int = typer.Option(8, "--lora-rank", help="LoRA rank."),
+    lora_scale: float = typer.Option(20.0, "--lora-scale", help="LoRA scale (mlx-lm's default)."),
+    iters: int = typer.Option(100, "--iters", help="Training iterations."),
+    batch_size: int = typer.Option(1, "--batch-size", help="Examples per iteration."),
+    learning_rate: float = typer.Option(1e-4, "--learning-rate", help="Adam learning rate."),
+    save_every: int = typer.Option(100, "--save-every", help="Save the adapters every this many iterations."),
+    adapter_path: str = typer.Option("adapters", "--adapter-path", help="Output folder for the adapters."),
+    seed: int = typer.Option(0, "--seed", help="Random seed (noise, order, LoRA initialisation)."),
+    report_every: int = typer.Option(10, "--steps-per-report", help="Print loss and tokens/s this often."),
+):
+    """Fine-tune LoRA adapters with the block-diffusion objective (writes adapters.safetensors)."""
+    from .train import run_finetune
+
+    run_finetune(
+        model, data, lora_rank=lora_rank, lora_scale=lora_scale, iters=iters, batch_size=batch_size,
+        learning_rate=learning_rate, save_every=save_every, adapter_path=adapter_path, seed=seed,
+        report_every=report_every,
+    )
+
+
 def main() -> None:
     from .errors import DiffusionGemmaError
 

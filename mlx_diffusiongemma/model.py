@@ -215,7 +215,9 @@ class Router(nn.Module):
     def __call__(self, r: mx.array) -> tuple[mx.array, mx.array]:
         z = rms_norm(r, None, self.eps) * self.scale * self.root
         probs = mx.softmax(self.proj(z).astype(mx.float32), axis=-1)
-        idx = mx.argpartition(-probs, kth=self.k - 1, axis=-1)[..., : self.k]
+        # The expert choice carries no gradient (a gather is not differentiable in its indices); training
+        # still reaches the router through the routing weights.
+        idx = mx.stop_gradient(mx.argpartition(-probs, kth=self.k - 1, axis=-1)[..., : self.k])
         w = mx.take_along_axis(probs, idx, axis=-1)
         w = w / w.sum(axis=-1, keepdims=True)
         return idx, w * self.per_expert_scale[idx]  # fp32 weights, as in the reference

@@ -29,9 +29,14 @@ def _env(**extra):
     return env
 
 
+# The installed console script, as users run it (the module form only when running from an uninstalled tree).
+_SCRIPT = Path(sys.executable).with_name("mlx-diffusiongemma")
+CLI = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "mlx_diffusiongemma"]
+
+
 def _cli(*args, stdin=None, timeout=300):
     return subprocess.run(
-        [sys.executable, "-m", "mlx_diffusiongemma", *map(str, args)], capture_output=True, text=True,
+        [*CLI, *map(str, args)], capture_output=True, text=True,
         input=stdin, timeout=timeout, env=_env(), cwd=ROOT,
     )
 
@@ -40,7 +45,7 @@ def _cli_many(*commands, stdin=None, timeout=300):
     """Run several CLI commands at once (each is a separate process; most of their time is start-up)."""
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "mlx_diffusiongemma", *map(str, args)], stdin=subprocess.PIPE,
+            [*CLI, *map(str, args)], stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=ROOT,
         )
         for args in commands
@@ -197,7 +202,7 @@ FLAGS = {
 
 @pytest.mark.parametrize("command", list(FLAGS), ids=lambda c: " ".join(c) or "root")
 def test_help_lists_flags_with_defaults_fast(command):
-    args = [sys.executable, "-m", "mlx_diffusiongemma", *command, "--help"]
+    args = [*CLI, *command, "--help"]
     best, result = float("inf"), None
     for _ in range(3):
         tic = time.perf_counter()
@@ -401,7 +406,7 @@ class _Tmux:
 
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux (apt-get install tmux)")
 def test_chat_in_a_terminal(tiny_ckpt):
-    chat = shlex.join([sys.executable, "-m", "mlx_diffusiongemma", "chat", "--model", str(tiny_ckpt),
+    chat = shlex.join([*CLI, "chat", "--model", str(tiny_ckpt),
                        "--max-tokens", "8", "--seed", "0", "--verbose"])
     term = _Tmux(f"mlxdg-{os.getpid()}", f"{chat}; echo EXITED $?; sleep 600")
     count = lambda s: lambda text: text.count(s)  # noqa: E731
@@ -449,7 +454,7 @@ def test_chat_in_a_terminal(tiny_ckpt):
 
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux (apt-get install tmux)")
 def test_chat_ctrl_c_and_ctrl_d_at_prompt_exit_cleanly(tiny_ckpt):
-    chat = shlex.join([sys.executable, "-m", "mlx_diffusiongemma", "chat", "--model", str(tiny_ckpt)])
+    chat = shlex.join([*CLI, "chat", "--model", str(tiny_ckpt)])
     for key in ("C-c", "C-d"):
         term = _Tmux(f"mlxdg-{os.getpid()}-{key}", f"{chat}; echo EXITED $?; sleep 600")
         try:
