@@ -32,7 +32,7 @@ PROMPT = "> "
 def run_chat(
     model: str, *, system_prompt: str | None = None, max_tokens: int = 256, seed: int | None = None,
     drafter: str = "reference", chat_template_config: str | None = None, dtype: str | None = None,
-    live: bool = True, verbose: bool = False,
+    live: bool = True, verbose: bool = False, adapter_path: str | None = None,
 ) -> None:
     template_kwargs = parse_template_config(chat_template_config)
     if max_tokens < 1:
@@ -48,7 +48,7 @@ def run_chat(
     from .loader import load
     from .noise import MLXNoise
 
-    m, tokenizer = load(model, dtype=dtype)
+    m, tokenizer = load(model, dtype=dtype, adapter_path=adapter_path)
     config = resolve_drafter(drafter, getattr(m, "generation_config", None), m.args.canvas_length)
     out = make_output(m, tokenizer, live)
     opening = [{"role": "system", "content": system_prompt}] if system_prompt else []

@@ -59,6 +59,7 @@ DEFAULT_MODEL = "mlx-community/diffusiongemma-26B-A4B-it-4bit"
 _MODEL_HELP = (
     "Checkpoint: a local folder (Google's, a transformers save or an MLX conversion) or a Hugging Face repo id."
 )
+_ADAPTER_HELP = "LoRA adapters folder written by `finetune` to apply to the model (default: none)."
 _LIVE_HELP = "Show the canvas being denoised in place on a terminal (never when output is piped)."
 _TEMPLATE_CONFIG_HELP = (
     """Extra chat template variables as a JSON object, e.g. '{"enable_thinking": false}' (default: none)."""
@@ -84,6 +85,7 @@ def generate(
     dtype: Optional[str] = typer.Option(
         None, "--dtype", help="float32, bfloat16 or float16 (default: the checkpoint's)."
     ),
+    adapter_path: Optional[str] = typer.Option(None, "--adapter-path", help=_ADAPTER_HELP),
     live: bool = typer.Option(True, "--live/--no-live", help=_LIVE_HELP),
     verbose: bool = typer.Option(True, "--verbose/--quiet", help="Print statistics to stderr after the text."),
 ):
@@ -93,7 +95,7 @@ def generate(
     run_generate(
         model, prompt, system_prompt=system_prompt, max_tokens=max_tokens, seed=seed, drafter=drafter,
         ignore_chat_template=ignore_chat_template, chat_template_config=chat_template_config, dtype=dtype,
-        live=live, verbose=verbose,
+        adapter_path=adapter_path, live=live, verbose=verbose,
     )
 
 
@@ -112,6 +114,7 @@ def chat(
     dtype: Optional[str] = typer.Option(
         None, "--dtype", help="float32, bfloat16 or float16 (default: the checkpoint's)."
     ),
+    adapter_path: Optional[str] = typer.Option(None, "--adapter-path", help=_ADAPTER_HELP),
     live: bool = typer.Option(True, "--live/--no-live", help=_LIVE_HELP),
     verbose: bool = typer.Option(
         False, "--verbose/--quiet", help="Print statistics to stderr after each reply (cache reuse included)."
@@ -122,7 +125,8 @@ def chat(
 
     run_chat(
         model, system_prompt=system_prompt, max_tokens=max_tokens, seed=seed, drafter=drafter,
-        chat_template_config=chat_template_config, dtype=dtype, live=live, verbose=verbose,
+        chat_template_config=chat_template_config, dtype=dtype, adapter_path=adapter_path, live=live,
+        verbose=verbose,
     )
 
 

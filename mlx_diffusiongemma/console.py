@@ -108,6 +108,7 @@ def print_stats(r, chat_turn: int | None = None, stream=None) -> None:
 def run_generate(
     model: str, prompt: str, *, system_prompt: str | None, max_tokens: int, seed: int | None, drafter: str,
     ignore_chat_template: bool, chat_template_config: str | None, dtype: str | None, live: bool, verbose: bool,
+    adapter_path: str | None = None,
 ) -> None:
     """The `generate` command: checks every option before loading, then streams one reply to stdout."""
     template_kwargs = parse_template_config(chat_template_config)
@@ -123,7 +124,7 @@ def run_generate(
     from .generate import prompt_to_ids
     from .loader import load
 
-    m, tokenizer = load(model, dtype=dtype)
+    m, tokenizer = load(model, dtype=dtype, adapter_path=adapter_path)
     config = resolve_drafter(drafter, getattr(m, "generation_config", None), m.args.canvas_length)
     if ignore_chat_template:
         request = text

@@ -199,7 +199,8 @@ def load_tokenizer(path: Path, config: dict, generation_config: dict):
         raise CheckpointError(f"cannot load the tokenizer in {path} ({type(e).__name__}: {e})") from None
 
 
-def load(path_or_repo: str | Path, *, dtype: str | None = None, lazy: bool = False):
+def load(path_or_repo: str | Path, *, dtype: str | None = None, lazy: bool = False,
+         adapter_path: str | Path | None = None):
     """Load a DiffusionGemma checkpoint and its tokenizer.
 
     Args:
@@ -207,6 +208,7 @@ def load(path_or_repo: str | Path, *, dtype: str | None = None, lazy: bool = Fal
             set `HF_HUB_OFFLINE=1` to use the cache only).
         dtype: "float32", "bfloat16" or "float16"; default: the checkpoint's own.
         lazy: Leave weights unevaluated (loaded on first use).
+        adapter_path: A folder written by `mlx-diffusiongemma finetune` (LoRA adapters) to apply.
 
     Returns:
         `(model, tokenizer)`; `model.generation_config` holds the checkpoint's generation settings.
@@ -216,6 +218,10 @@ def load(path_or_repo: str | Path, *, dtype: str | None = None, lazy: bool = Fal
     """
     path = resolve_path(path_or_repo)
     model = load_model(path, dtype=dtype, lazy=lazy)
+    if adapter_path is not None:
+        from .lora import load_adapters
+
+        load_adapters(model, adapter_path)
     config = _read_json(path / "config.json")
     tokenizer = load_tokenizer(path, config, model.generation_config)
     return model, tokenizer

@@ -143,3 +143,10 @@ def test_finetune_end_to_end(ckpt, tmp_path):
     assert (out / "adapters.safetensors").exists() and (out / "adapter_config.json").exists()
     model, _ = load(ckpt)
     load_adapters(model, out)  # loads strictly into a fresh model
+    # generate applies them: the adapted model's text differs from the base's under the same seed.
+    args = ("generate", "--model", ckpt, "--prompt", "2+2?", "--max-tokens", 8, "--seed", 1, "--quiet")
+    base, adapted = _cli(*args), _cli(*args, "--adapter-path", out)
+    assert base.returncode == 0 and adapted.returncode == 0, adapted.stderr
+    assert adapted.stdout != base.stdout
+    missing = _cli(*args, "--adapter-path", tmp_path / "absent")
+    assert missing.returncode == 1 and missing.stderr.count("\n") == 1 and "adapters" in missing.stderr
