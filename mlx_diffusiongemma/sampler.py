@@ -37,32 +37,10 @@ def _exp_weights(x: mx.array, x_max: mx.array) -> tuple[mx.array, mx.array, mx.a
     return e, s, mx.log(s) - (e * y).sum(axis=-1) / s
 
 
-def _entropy_and_mass(x: mx.array, x_max: mx.array) -> tuple[mx.array, mx.array]:
-    _, s, ent = _exp_weights(x, x_max)
-    return ent, s
-
-
 def entropy(logits: mx.array) -> mx.array:
     """Entropy in nats of softmax(logits) over the last axis, in float32: [B, C, V] -> [B, C]."""
     x = logits.astype(mx.float32)
-    return _entropy_and_mass(x, x.max(axis=-1, keepdims=True))[0]
-
-
-def top_prob(logits: mx.array) -> mx.array:
-    """Largest softmax probability per position, in float32: [B, C, V] -> [B, C]."""
-    x = logits.astype(mx.float32)
-    return mx.exp(x.max(axis=-1) - mx.logsumexp(x, axis=-1))
-
-
-def token_stats(logits: mx.array) -> tuple[mx.array, mx.array, mx.array]:
-    """(argmax int32 [B, C], entropy [B, C], top probability [B, C]) in two passes over V.
-
-    The argmax takes the first index among equal maxima, like torch.argmax.
-    """
-    x = logits.astype(mx.float32)
-    best = mx.argmax(x, axis=-1, keepdims=True)
-    ent, mass = _entropy_and_mass(x, mx.take_along_axis(x, best, axis=-1))
-    return best.squeeze(-1).astype(mx.int32), ent, 1.0 / mass
+    return _exp_weights(x, x.max(axis=-1, keepdims=True))[2]
 
 
 def entropy_bound_accept(ent: mx.array, bound: float) -> mx.array:

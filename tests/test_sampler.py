@@ -80,16 +80,20 @@ def test_entropy_random_and_bf16_input():
     np.testing.assert_allclose(np.array(ent), np_entropy(np.array(xb.astype(mx.float32))), rtol=1e-5, atol=1e-6)
 
 
-def test_token_stats_and_top_prob():
-    x = np.array([[[0.0, 2.0, 2.0, -1.0], [5.0, 0.0, 0.0, 0.0]]], dtype=np.float32)
-    best, ent, top = S.token_stats(mx.array(x))
+def test_distribution_of_raw_logits():
+    """The loop's one pass: softcap, temperature, argmax (first of ties), probabilities, entropy, top prob."""
+    x = np.array([[[0.0, 2.0, 2.0, -1.0], [5.0, 0.0, 0.0, 0.0], [80.0, 79.0, -3.0, 1.0]]], dtype=np.float32)
+    temp = S.temperature(3, 4, 0.4, 0.8)
+    scaled, weights, total, ent, best = S.distribution(mx.array(x), temp)
+    expected = 30.0 * np.tanh(x / 30.0) / np.float32(temp)
+    np.testing.assert_allclose(np.array(scaled), expected, rtol=1e-6)
     assert best.dtype == mx.int32
-    assert best.tolist() == [[1, 0]]  # first index among equal maxima, like torch.argmax
-    p = np.exp(x - x.max(-1, keepdims=True))
+    assert best.tolist() == [[1, 0, 0]]  # first index among equal maxima, like torch.argmax
+    p = np.exp(expected - expected.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
-    np.testing.assert_allclose(np.array(top), p.max(-1), rtol=1e-6)
-    np.testing.assert_allclose(np.array(S.top_prob(mx.array(x))), p.max(-1), rtol=1e-6)
-    np.testing.assert_allclose(np.array(ent), np_entropy(x), rtol=1e-6)
+    np.testing.assert_allclose(np.array(weights / total[..., None]), p, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(np.array(1.0 / total), p.max(-1), rtol=1e-6)
+    np.testing.assert_allclose(np.array(ent), np_entropy(expected), rtol=1e-5, atol=1e-6)
 
 
 # --- entropy-bound acceptance ----------------------------------------------------------------------------
