@@ -41,11 +41,13 @@ def info(
     dtype: Optional[str] = typer.Option(None, help="float32, bfloat16 or float16 (default: the checkpoint's)."),
 ):
     """Load a checkpoint and print its geometry, dtype and size (checks that it is complete)."""
+    from mlx.utils import tree_flatten
+
     from .loader import load
 
     m, tokenizer = load(model, dtype=dtype)
     a = m.args
-    params = sum(v.size for _, v in __import__("mlx.utils", fromlist=["x"]).tree_flatten(m.parameters()))
+    params = sum(v.size for _, v in tree_flatten(m.parameters()))
     typer.echo(
         f"layers {a.num_hidden_layers} ({a.layer_types.count('full_attention')} full), hidden {a.hidden_size}, "
         f"experts {a.num_experts} top-{a.top_k_experts}, vocab {a.vocab_size}, canvas {a.canvas_length}, "
