@@ -62,7 +62,7 @@ class _PrefixKV:
 
 
 def encoder_forward(model: Model, ids: mx.array) -> tuple[mx.array, list[tuple[mx.array, mx.array]]]:
-    """Full causal encoder over `[1, L]` ids from position 0: (`[1, L, V]` softcapped logits, per-layer K/V)."""
+    """Full causal encoder over `[B, L]` ids from position 0: (`[B, L, V]` softcapped logits, per-layer K/V)."""
     if not model.args.encoder_causal:
         raise UsageError("fine-tuning needs a causal encoder (use_bidirectional_attention 'all' is not supported)")
     x = model._embed(ids)
@@ -100,36 +100,41 @@ def diffusion_loss(
     encoder_weight: float = 1.0,
     pad_id: int | None = None,
 ) -> tuple[mx.array, dict[str, mx.array]]:
-    """The SFT loss of one `prompt + response` sequence (see the module docstring); `(loss, metrics)`."""
-    tokens = mx.array(tokens, dtype=mx.int32).reshape(-1)
-    n = tokens.shape[0]
+    """The SFT loss of `prompt + response` sequences (see the module docstring); `(loss, metrics)`.
+
+    `tokens` is one sequence `[L]` or a batch `[B, L]` of equally long ones sharing `prompt_len`; a batch
+    draws its corruption per sequence and its self-conditioning coin per block (shared by the batch).
+    """
+    tokens = mx.array(tokens, dtype=mx.int32)
+    tokens = tokens[None] if tokens.ndim == 1 else tokens
+    B, n = tokens.shape
     if not 1 <= prompt_len < n:
         raise ValueError(f"need a non-empty prompt and response (prompt_len {prompt_len}, length {n})")
     C = canvas_length or model.args.canvas_length
     V = model.args.vocab_size
     pad = model.args.pad_token_id if pad_id is None else pad_id
     blocks = math.ceil((n - prompt_len) / C)
-    response = mx.concatenate([tokens[prompt_len:], mx.full((blocks * C - (n - prompt_len),), pad, mx.int32)])
-    clean = response.reshape(blocks, C)
+    tail = mx.full((B, blocks * C - (n - prompt_len)), pad, mx.int32)
+    clean = mx.concatenate([tokens[:, prompt_len:], tail], axis=1).reshape(B, blocks, C)
 
     k_t, k_pos, k_ids, k_sc = mx.random.split(key, 4)
-    t = mx.random.uniform(eps, 1.0, (blocks, 1), key=k_t)
-    corrupt = mx.random.uniform(shape=(blocks, C), key=k_pos) < t
-    noisy = mx.where(corrupt, mx.random.randint(0, V, (blocks, C), key=k_ids), clean)
+    t = mx.random.uniform(eps, 1.0, (B, blocks, 1), key=k_t)
+    corrupt = mx.random.uniform(shape=(B, blocks, C), key=k_pos) < t
+    noisy = mx.where(corrupt, mx.random.randint(0, V, (B, blocks, C), key=k_ids), clean)
     use_sc = (mx.random.uniform(shape=(blocks,), key=k_sc) < self_conditioning_prob).tolist()
 
-    enc_logits, kvs = encoder_forward(model, tokens[None])
-    enc_ce = nn.losses.cross_entropy(enc_logits[0, prompt_len - 1 : n - 1], tokens[prompt_len:], reduction="mean")
+    enc_logits, kvs = encoder_forward(model, tokens)
+    enc_ce = nn.losses.cross_entropy(enc_logits[:, prompt_len - 1 : n - 1], tokens[:, prompt_len:], reduction="mean")
 
     total = mx.array(0.0)
     for j in range(blocks):
         cache = prefix_cache(model, kvs, prompt_len + j * C)
-        canvas = noisy[j][None]
+        canvas = noisy[:, j]
         logits = model.decode(canvas, cache)
         if use_sc[j]:
             logits = model.decode(canvas, cache, self_conditioning_logits=mx.stop_gradient(logits))
-        ce = nn.losses.cross_entropy(logits[0], clean[j], reduction="none")
-        total = total + (ce * corrupt[j]).sum()
+        ce = nn.losses.cross_entropy(logits, clean[:, j], reduction="none")
+        total = total + (ce * corrupt[:, j]).sum()
     count = corrupt.sum()
     diff = total / mx.maximum(count, 1)
     loss = diff + encoder_weight * enc_ce
