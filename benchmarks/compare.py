@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -23,25 +22,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT), str(ROOT / "benchmarks")]
+
+from openblas import reexec_with_openblas  # noqa: E402
 
 MEDIUM = dict(hidden_size=512, intermediate_size=1024, num_attention_heads=8, num_key_value_heads=4, head_dim=64,
               global_head_dim=128, num_global_key_value_heads=2, num_experts=16, top_k_experts=4,
               moe_intermediate_size=256, sliding_window=512, max_position_embeddings=4096)
-
-
-def _openblas() -> str | None:
-    try:
-        import cmeel  # noqa: F401  (cmeel-openblas installs its libraries under cmeel.prefix)
-    except ImportError:
-        return None
-    import site
-
-    for base in site.getsitepackages():
-        lib = Path(base) / "cmeel.prefix" / "lib" / "libopenblas.so.0"
-        if lib.exists():
-            return str(lib)
-    return None
 
 
 def build(path: Path, vocab: int, canvas: int) -> Path:
@@ -202,11 +189,9 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     a = parser.parse_args()
 
-    lib = None if a.no_openblas else _openblas()
-    if lib and lib not in os.environ.get("LD_PRELOAD", ""):
-        os.environ["LD_PRELOAD"] = f"{lib}:{os.environ.get('LD_PRELOAD', '')}".rstrip(":")
-        os.execv(sys.executable, [sys.executable, *sys.argv])
-    blas = "OpenBLAS (interposed, shared by every MLX engine)" if lib else "MLX wheel's own BLAS"
+    blas = reexec_with_openblas(not a.no_openblas)
+    if blas.startswith("OpenBLAS"):
+        blas += ", shared by every MLX engine"
 
     import numpy as np
 

@@ -1,0 +1,122 @@
+"""Procedural tasks with checkable answers: what the bundled toy model was trained on, and what `demo` asks.
+
+Each task makes `(prompt, answer)` pairs from a `random.Random`, and `check` says whether a model's reply
+solves the prompt (exact answer for sort and add; any valid completion that keeps the clues for sudoku).
+The prompts are short chat turns in plain characters, since the toy tokenizer is character-level.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from typing import Callable, NamedTuple
+
+
+class Task(NamedTuple):
+    name: str
+    make: Callable[[random.Random], tuple[str, str]]
+    check: Callable[[str, str], bool]  # (prompt, reply) -> solved
+
+
+def _sort(rng: random.Random) -> tuple[str, str]:
+    digits = [rng.randrange(10) for _ in range(rng.randint(3, 8))]
+    return "sort " + "".join(map(str, digits)), "".join(map(str, sorted(digits)))
+
+
+def _add(rng: random.Random) -> tuple[str, str]:
+    a, b = rng.randrange(1000), rng.randrange(1000)
+    return f"add {a}+{b}", str(a + b)
+
+
+def _check_exact(prompt: str, reply: str) -> bool:
+    return reply.strip() == _solve(prompt)
+
+
+def _solve(prompt: str) -> str:
+    """The one right answer of a sort or add prompt."""
+    verb, arg = prompt.split(" ", 1)
+    if verb == "sort":
+        return "".join(sorted(arg))
+    a, b = arg.split("+")
+    return str(int(a) + int(b))
+
+
+# --- 4x4 sudoku: rows, columns and 2x2 boxes each hold 1-4 ---------------------------------------------------
+
+_BOXES = [[(r, c) for r in rows for c in cols] for rows in ((0, 1), (2, 3)) for cols in ((0, 1), (2, 3))]
+
+
+def _valid(grid: list[list[int]]) -> bool:
+    groups = grid + [list(col) for col in zip(*grid)] + [[grid[r][c] for r, c in box] for box in _BOXES]
+    return all(sorted(g) == [1, 2, 3, 4] for g in groups)
+
+
+def _all_grids() -> list[list[list[int]]]:
+    rows = list(itertools.permutations((1, 2, 3, 4)))
+    return [[list(r) for r in g] for g in itertools.product(rows, repeat=4) if _valid([list(r) for r in g])]
+
+
+GRIDS = _all_grids()  # all 288 solved 4x4 sudokus
+
+
+def _render(grid) -> str:
+    return "/".join("".join(str(v) if v else "." for v in row) for row in grid)
+
+
+def _parse(text: str) -> list[list[int]] | None:
+    rows = text.strip().split("/")
+    if len(rows) != 4 or any(len(r) != 4 for r in rows):
+        return None
+    try:
+        return [[0 if ch == "." else int(ch) for ch in r] for r in rows]
+    except ValueError:
+        return None
+
+
+def _solutions(puzzle) -> list:
+    return [g for g in GRIDS if all(v in (0, g[r][c]) for r, row in enumerate(puzzle) for c, v in enumerate(row))]
+
+
+def _sudoku(rng: random.Random) -> tuple[str, str]:
+    """A puzzle with 4-10 blanks and exactly one solution."""
+    grid = rng.choice(GRIDS)
+    target = rng.randint(4, 10)
+    puzzle = [row[:] for row in grid]
+    cells = [(r, c) for r in range(4) for c in range(4)]
+    rng.shuffle(cells)
+    blanks = 0
+    for r, c in cells:
+        if blanks == target:
+            break
+        value, puzzle[r][c] = puzzle[r][c], 0
+        if len(_solutions(puzzle)) == 1:
+            blanks += 1
+        else:
+            puzzle[r][c] = value
+    return "sudoku " + _render(puzzle), _render(grid)
+
+
+def _check_sudoku(prompt: str, reply: str) -> bool:
+    puzzle, grid = _parse(prompt.split(" ", 1)[1]), _parse(reply)
+    if grid is None or not _valid(grid):
+        return False
+    return all(v in (0, grid[r][c]) for r, row in enumerate(puzzle) for c, v in enumerate(row))
+
+
+TASKS = {
+    "sort": Task("sort", _sort, _check_exact),
+    "add": Task("add", _add, _check_exact),
+    "sudoku": Task("sudoku", _sudoku, _check_sudoku),
+}
+
+
+def examples(task: str, n: int, seed: int, exclude: set[str] = frozenset()) -> list[tuple[str, str]]:
+    """`n` distinct `(prompt, answer)` pairs of `task`, none of whose prompts is in `exclude`."""
+    rng = random.Random(f"{task}-{seed}")
+    out, seen = [], set(exclude)
+    while len(out) < n:
+        prompt, answer = TASKS[task].make(rng)
+        if prompt not in seen:
+            seen.add(prompt)
+            out.append((prompt, answer))
+    return out
