@@ -15,7 +15,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .errors import DiffusionGemmaError
+from .errors import DiffusionGemmaError, UsageError
 from .generate import denoise_canvas, prefill
 from .model import Model, ModelArgs
 
@@ -177,15 +177,18 @@ def format_report(summary: dict[str, dict[str, float]], label: str) -> str:
 
 def bench(
     model_path: str | None, random: str | None, dtype: str | None, q_bits: int | None, prompt_tokens: int,
-    canvases: int, steps: int | None, drafter: str, repeat: int, as_json: bool,
+    canvases: int, steps: int | None, drafter: str, repeat: int, as_json: bool, adapter_path: str | None = None,
 ) -> str:
-    """Build or load the model, warm up once, time `repeat` runs; return the report (text or JSON)."""
+    """Build or load the model (with LoRA adapters from `adapter_path`), warm up once, time `repeat` runs;
+    return the report (text or JSON)."""
     import json
 
     from .drafter import resolve_drafter
 
     if (model_path is None) == (random is None):
         raise DiffusionGemmaError("pass exactly one of --model PATH and --random PRESET")
+    if adapter_path is not None and random is not None:
+        raise UsageError("--adapter-path needs --model: adapters belong to the checkpoint they were trained on")
     if random is not None:
         model = random_model(random, dtype or "bfloat16", q_bits)
         label = f"random {random} ({dtype or 'bfloat16'}{f', {q_bits}-bit' if q_bits else ''})"
@@ -193,6 +196,11 @@ def bench(
         from .loader import load_model, resolve_path
 
         model, label = load_model(resolve_path(model_path), dtype=dtype), model_path
+        if adapter_path is not None:
+            from .lora import load_adapters
+
+            config = load_adapters(model, adapter_path)
+            label += f" + LoRA rank {config['rank']} from {adapter_path}"
     overrides = {"max_denoising_steps": steps, "adaptive_stop": False} if steps else None
     config = resolve_drafter(drafter, model.generation_config, model.args.canvas_length, overrides)
     run_once(model, config, prompt_tokens, 1, seed=0)  # warm-up: compilation and allocation

@@ -59,7 +59,8 @@ DEFAULT_MODEL = "mlx-community/diffusiongemma-26B-A4B-it-4bit"
 
 
 _MODEL_HELP = (
-    "Checkpoint: a local folder (Google's, a transformers save or an MLX conversion) or a Hugging Face repo id."
+    "Checkpoint: a local folder (Google's, a transformers save or an MLX conversion), a Hugging Face repo id, "
+    "or `toy` for the bundled toy model."
 )
 _ADAPTER_HELP = "LoRA adapters folder written by `finetune` to apply to the model (default: none)."
 _LIVE_HELP = "Show the canvas being denoised in place on a terminal (never when output is piped)."
@@ -133,6 +134,27 @@ def chat(
 
 
 @app.command()
+def demo(
+    task: Optional[str] = typer.Option(None, "--task", help="sort, add or sudoku (default: a few of each)."),
+    count: int = typer.Option(3, "--count", "-n", help="Held-out prompts per task."),
+    drafter: str = typer.Option("reference", "--drafter", help="Drafter preset (reference, fast) or a JSON file."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Picks the prompts and seeds the noise (default: fresh)."),
+    live: bool = typer.Option(True, "--live/--no-live", help=_LIVE_HELP),
+    pace: float = typer.Option(
+        0.05, "--pace", help="Seconds to pause after each denoising step in the live view, so it can be watched."
+    ),
+):
+    """Watch the bundled toy model (trained with `finetune`'s objective) solve held-out puzzles, offline.
+
+    The toy model is a 1.3M-parameter DiffusionGemma (same architecture, tiny geometry) that ships in the
+    package; `--model toy` selects it in every other command too.
+    """
+    from .demo import run_demo
+
+    run_demo(task=task, count=count, drafter=drafter, seed=seed, live=live, pace=pace)
+
+
+@app.command()
 def convert(
     hf_path: str = typer.Option(..., "--hf-path", help="Source checkpoint: a Hugging Face folder or Hub repo id."),
     mlx_path: str = typer.Option(..., "--mlx-path", help="Output folder, written only once complete (must not exist unless --force)."),
@@ -185,6 +207,9 @@ def bench(
     drafter: str = typer.Option("reference", "--drafter", help="Drafter preset or JSON file."),
     repeat: int = typer.Option(3, "--repeat", help="Timed runs after one warm-up; medians are reported."),
     as_json: bool = typer.Option(False, "--json", help="Print the figures as JSON."),
+    adapter_path: Optional[str] = typer.Option(
+        None, "--adapter-path", help="LoRA adapters folder written by `finetune` to time with --model (default: none)."
+    ),
 ):
     """Time prefill, decoder steps, commit passes and whole canvases (median, min, max over repeats).
 
@@ -196,7 +221,7 @@ def bench(
     if q_bits not in (None, 4, 6, 8):
         raise typer.BadParameter("must be 4, 6 or 8", param_hint="--q-bits")
     typer.echo(run_bench(model, random, dtype, q_bits, prompt_tokens, canvases, steps or None, drafter,
-                         repeat, as_json))
+                         repeat, as_json, adapter_path=adapter_path))
 
 
 @app.command()
@@ -205,24 +230,67 @@ def finetune(
     data: str = typer.Option(
         ..., "--data", help='JSONL file: one {"messages": [...]} or {"prompt": ..., "completion": ...} per line.'
     ),
-    lora_rank: int = typer.Option(8, "--lora-rank", help="LoRA rank."),
-    lora_scale: float = typer.Option(20.0, "--lora-scale", help="LoRA scale (mlx-lm's default)."),
+    lora_rank: Optional[int] = typer.Option(
+        None, "--lora-rank", help="LoRA rank (default: 8; --resume: the saved one)."
+    ),
+    lora_scale: Optional[float] = typer.Option(
+        None, "--lora-scale", help="LoRA scale (default: 20, mlx-lm's; --resume: the saved one)."
+    ),
+    lora_experts: bool = typer.Option(
+        False, "--lora-experts", help="Also put LoRA on the MoE experts (one pair per expert; default: off)."
+    ),
+    full: bool = typer.Option(
+        False, "--full", help="Train every weight instead of LoRA (small, unquantized models; needs --save-path)."
+    ),
     iters: int = typer.Option(100, "--iters", help="Training iterations."),
     batch_size: int = typer.Option(1, "--batch-size", help="Examples per iteration."),
     learning_rate: float = typer.Option(1e-4, "--learning-rate", help="Adam learning rate."),
-    save_every: int = typer.Option(100, "--save-every", help="Save the adapters every this many iterations."),
-    adapter_path: str = typer.Option("adapters", "--adapter-path", help="Output folder for the adapters."),
+    save_every: int = typer.Option(
+        100, "--save-every", help="Save every this many iterations (LoRA: also as NNNNNNN_adapters.safetensors)."
+    ),
+    adapter_path: Optional[str] = typer.Option(
+        None, "--adapter-path", help="Folder for the adapters (default: adapters); --resume reads them from it."
+    ),
+    save_path: Optional[str] = typer.Option(
+        None, "--save-path", help="With --full: the new checkpoint folder to write (must not exist)."
+    ),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue training the adapters in --adapter-path (the optimizer restarts)."
+    ),
+    val_data: Optional[str] = typer.Option(
+        None, "--val-data", help="JSONL validation file, same format as --data (default: none)."
+    ),
+    val_every: int = typer.Option(
+        50, "--val-every", help="Print the validation loss this often (also before training and at the end)."
+    ),
     seed: int = typer.Option(0, "--seed", help="Random seed (noise, order, LoRA initialisation)."),
     report_every: int = typer.Option(10, "--steps-per-report", help="Print loss and tokens/s this often."),
 ):
-    """Fine-tune LoRA adapters with the block-diffusion objective (writes adapters.safetensors)."""
+    """Fine-tune with the block-diffusion objective: LoRA adapters (also on quantized bases) or, with --full,
+    every weight."""
     from .train import run_finetune
 
     run_finetune(
-        model, data, lora_rank=lora_rank, lora_scale=lora_scale, iters=iters, batch_size=batch_size,
-        learning_rate=learning_rate, save_every=save_every, adapter_path=adapter_path, seed=seed,
-        report_every=report_every,
+        model, data, lora_rank=lora_rank, lora_scale=lora_scale, lora_experts=lora_experts, full=full,
+        iters=iters, batch_size=batch_size, learning_rate=learning_rate, save_every=save_every,
+        adapter_path=adapter_path, save_path=save_path, resume=resume, val_data=val_data, val_every=val_every,
+        seed=seed, report_every=report_every,
     )
+
+
+@app.command()
+def fuse(
+    model: str = typer.Option(..., "--model", "-m", help="The base checkpoint the adapters were trained on."),
+    adapter_path: str = typer.Option(..., "--adapter-path", help="LoRA adapters folder written by `finetune`."),
+    save_path: str = typer.Option(..., "--save-path", help="Output checkpoint folder (must not exist)."),
+    dequantize: bool = typer.Option(
+        False, "--dequantize", help="Write unquantized weights (default: a quantized base stays quantized alike)."
+    ),
+):
+    """Merge LoRA adapters into the base weights and write a normal checkpoint folder."""
+    from .lora import fuse as run_fuse
+
+    typer.echo(f"wrote {run_fuse(model, adapter_path, save_path, dequantize=dequantize)}")
 
 
 def main() -> None:

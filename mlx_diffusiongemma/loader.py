@@ -20,9 +20,18 @@ _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.txt"]
 
 
+TOY_NAME = "toy"  # the short name of the bundled toy model
+
+
 def resolve_path(path_or_repo: str | Path) -> Path:
-    """A local folder as-is, or a Hub repo id fetched through the Hugging Face cache."""
+    """A local folder as-is, `toy` for the bundled toy model, or a Hub repo id fetched through the HF cache."""
     path = Path(path_or_repo).expanduser()
+    if str(path_or_repo) == TOY_NAME and not path.exists():
+        from .toy import TOY_PATH
+
+        if not (TOY_PATH / "config.json").exists():
+            raise CheckpointError(f"the toy model is missing from {TOY_PATH}; reinstall, or run scripts/train_toy.py")
+        return TOY_PATH
     if path.exists():
         if not path.is_dir():
             raise CheckpointError(f"{path} is a file; pass the checkpoint folder that holds config.json")
@@ -176,6 +185,46 @@ def load_model(path: Path, dtype: str | None = None, lazy: bool = False) -> Mode
     if not lazy:
         mx.eval(model.parameters())
     return model
+
+
+def save_checkpoint(model: Model, source: Path, dest: str | Path, config: dict) -> Path:
+    """Write `model` as a checkpoint folder `load` reads: its weights (mlx-lm's `save_model`: model.safetensors),
+    `config` as config.json, and the tokenizer and generation files of the `source` folder.
+
+    The folder is built under a temporary name beside `dest` and renamed into place, so a failure or an
+    interruption leaves nothing half-written; an existing `dest` is replaced only once the new one is complete.
+    """
+    import os
+    import shutil
+    import tempfile
+
+    from mlx_lm.utils import save_model
+
+    from .convert.convert import _copy_side_files
+
+    dest = Path(dest).expanduser().absolute()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        save_model(tmp, model)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        _copy_side_files(source, tmp)
+        if dest.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
+            os.replace(dest, old / dest.name)
+            try:
+                os.replace(tmp, dest)
+            except BaseException:
+                os.replace(old / dest.name, dest)  # put the previous folder back
+                raise
+            finally:
+                shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
 
 
 def eos_token_ids(config: dict, generation_config: dict) -> list[int]:

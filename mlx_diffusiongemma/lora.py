@@ -1,9 +1,11 @@
-"""LoRA adapters for DiffusionGemma, built on mlx-lm's `LoRALinear`.
+"""LoRA adapters for DiffusionGemma, built on mlx-lm's `LoRALinear` and `LoRASwitchLinear`.
 
 Which layers: the attention projections (`q_proj`, `k_proj`, `v_proj` where the layer has one -- full
-layers reuse K as V -- and `o_proj`) and the dense MLP (`gate_proj`, `up_proj`, `down_proj`) of every layer.
-The MoE experts, the router and the self-conditioning MLP stay as they are. The encoder and the decoder share
-these weights, so one adapter changes both passes. The base model is frozen; only `lora_a` / `lora_b` train.
+layers reuse K as V -- and `o_proj`) and the dense MLP (`gate_proj`, `up_proj`, `down_proj`) of every layer;
+optionally also the MoE experts (`experts.gate_up_proj`, `experts.down_proj`: one low-rank pair per expert).
+The router and the self-conditioning MLP stay as they are. The encoder and the decoder share these weights,
+so one adapter changes both passes. The base model is frozen (quantized or not: QLoRA); only `lora_a` /
+`lora_b` train.
 
 Files (mlx-lm's names): `adapters.safetensors` holds the trainable tensors under their module paths, and
 `adapter_config.json` holds `rank`, `scale`, `dropout` and `modules` (the targets above).
@@ -12,11 +14,13 @@ Files (mlx-lm's names): `adapters.safetensors` holds the trainable tensors under
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
-from mlx_lm.tuner.lora import LoRALinear
+from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
+from mlx_lm.tuner.lora import LoRALinear, LoRASwitchLinear
 
 from .errors import CheckpointError
 
@@ -24,9 +28,24 @@ TARGETS = (
     "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
 )
+EXPERT_TARGETS = ("experts.gate_up_proj", "experts.down_proj")
 ADAPTER_FILE = "adapters.safetensors"
 CONFIG_FILE = "adapter_config.json"
+DEFAULT_RANK = 8
 DEFAULT_SCALE = 20.0  # mlx-lm's default LoRA scale
+
+
+class LoRASwitch(LoRASwitchLinear):
+    """mlx-lm's `LoRASwitchLinear` plus a merged `weight`: `model._switch` reads it on the CPU backend for
+    half-precision inputs, since MLX's CPU `gather_mm` is float32-only (float32 and Metal call the module)."""
+
+    @property
+    def weight(self) -> mx.array:
+        base = self.linear
+        w = base.weight
+        if isinstance(base, QuantizedSwitchLinear):
+            w = mx.dequantize(w, base.scales, base.get("biases"), base.group_size, base.bits, mode=base.mode)
+        return w.astype(mx.float32) + (self.scale * self.lora_b) @ self.lora_a  # (E, out, r) @ (E, r, in)
 
 
 def _targets(model, modules):
@@ -39,13 +58,24 @@ def _targets(model, modules):
                 yield parent, attr
 
 
-def apply_lora(model, rank: int = 8, scale: float = DEFAULT_SCALE, dropout: float = 0.0, modules=TARGETS) -> dict:
-    """Freeze `model` and wrap the target linears in `LoRALinear`; returns the adapter config."""
+def _wrap(base, rank: int, scale: float, dropout: float):
+    if isinstance(base, (SwitchLinear, QuantizedSwitchLinear)):
+        lora = LoRASwitch(base.input_dims, base.output_dims, base.num_experts, r=rank, dropout=dropout, scale=scale)
+        lora.linear = base
+        return lora
+    return LoRALinear.from_base(base, r=rank, scale=scale, dropout=dropout)
+
+
+def apply_lora(
+    model, rank: int = DEFAULT_RANK, scale: float = DEFAULT_SCALE, dropout: float = 0.0, modules=TARGETS
+) -> dict:
+    """Freeze `model` and wrap the target linears (`TARGETS`, plus `EXPERT_TARGETS` if listed) in LoRA layers;
+    returns the adapter config."""
     if rank < 1:
         raise ValueError(f"LoRA rank must be at least 1 (got {rank})")
     model.freeze()
     for parent, attr in _targets(model, modules):
-        setattr(parent, attr, LoRALinear.from_base(parent[attr], r=rank, scale=scale, dropout=dropout))
+        setattr(parent, attr, _wrap(parent[attr], rank, scale, dropout))
     return {"rank": rank, "scale": scale, "dropout": dropout, "modules": list(modules)}
 
 
@@ -53,20 +83,31 @@ def adapter_weights(model) -> dict[str, mx.array]:
     return dict(tree_flatten(model.trainable_parameters()))
 
 
-def save_adapters(model, path: str | Path, config: dict) -> Path:
-    """Write `adapters.safetensors` and `adapter_config.json` into the folder `path` (created if needed)."""
+def save_adapters(model, path: str | Path, config: dict, name: str = ADAPTER_FILE) -> Path:
+    """Write the adapter tensors (as `name`) and `adapter_config.json` into the folder `path` (created if
+    needed). The tensors go to a temporary file renamed into place, so an interrupted save keeps the last one."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    mx.save_safetensors(str(path / ADAPTER_FILE), adapter_weights(model))
+    partial = path / f".{name}.partial.safetensors"
+    mx.save_safetensors(str(partial), adapter_weights(model))
+    os.replace(partial, path / name)
     (path / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     return path
+
+
+def read_adapter_config(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        return json.loads((path / CONFIG_FILE).read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read the adapters in {path} ({e})") from None
 
 
 def load_adapters(model, path: str | Path) -> dict:
     """Wrap `model` as its adapter config says and load the saved adapter tensors (strictly)."""
     path = Path(path)
+    config = read_adapter_config(path)
     try:
-        config = json.loads((path / CONFIG_FILE).read_text())
         weights = mx.load(str(path / ADAPTER_FILE))
     except (OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"cannot read the adapters in {path} ({e})") from None
@@ -76,14 +117,50 @@ def load_adapters(model, path: str | Path) -> dict:
         missing = sorted(set(expected) - set(weights))[:3]
         extra = sorted(set(weights) - set(expected))[:3]
         raise CheckpointError(f"adapters in {path} do not match the model (missing {missing}, unexpected {extra})")
+    for key, value in weights.items():
+        if value.shape != expected[key].shape:
+            raise CheckpointError(f"adapter tensor {key} in {path} has shape {value.shape}, the model needs "
+                                  f"{expected[key].shape}; these adapters are for another model")
     model.load_weights(list(weights.items()), strict=False)
     mx.eval(model.parameters())
     return config
 
 
-def fuse_lora(model) -> None:
-    """Fold every `LoRALinear` back into a plain (or quantized) linear, in place."""
-    for parent, attr in _targets(model, TARGETS):
-        if isinstance(parent[attr], LoRALinear):
-            setattr(parent, attr, parent[attr].fuse())
+def fuse_lora(model, dequantize: bool = False) -> None:
+    """Fold every LoRA layer back into a plain linear, in place. A quantized base linear is re-quantized with
+    its own bits, group size and mode, unless `dequantize`."""
+    for parent, attr in _targets(model, TARGETS + EXPERT_TARGETS):
+        if isinstance(parent[attr], (LoRALinear, LoRASwitchLinear)):
+            setattr(parent, attr, parent[attr].fuse(dequantize=dequantize))
     mx.eval(model.parameters())
+
+
+def fuse(model_path: str | Path, adapter_path: str | Path, save_path: str | Path, *, dequantize: bool = False) -> Path:
+    """Merge LoRA adapters into their base checkpoint and write a checkpoint folder that `load` reads.
+
+    Args:
+        model_path: The base checkpoint (folder or Hub repo id) the adapters were trained on.
+        adapter_path: The folder written by `finetune`.
+        save_path: The output folder; it must not exist. Built under a temporary name and renamed into place.
+        dequantize: Write every weight unquantized; by default a quantized base stays quantized as it was
+            (the fused linears are re-quantized with the base's settings; config.json keeps its block).
+
+    Returns:
+        The output folder.
+    """
+    from mlx_lm.utils import dequantize_model
+
+    from .loader import load_config, load_model, resolve_path, save_checkpoint
+
+    dest = Path(save_path).expanduser()
+    if dest.exists():
+        raise CheckpointError(f"{dest} already exists; choose a new --save-path")
+    source = resolve_path(model_path)
+    config, _ = load_config(source)
+    model = load_model(source)
+    load_adapters(model, adapter_path)
+    fuse_lora(model, dequantize=dequantize)
+    if dequantize:
+        dequantize_model(model)
+        config = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
+    return save_checkpoint(model, source, dest, config)

@@ -40,6 +40,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
+from mlx.utils import tree_flatten
 
 from .errors import UsageError
 from .model import SLIDING, Model, softcap
@@ -200,6 +201,27 @@ def tokenize(tokenizer, messages: list[dict]) -> tuple[list[int], int]:
 
 # --- training loop ------------------------------------------------------------------------------------------
 
+VAL_SEED = 1_000_003  # validation noise: the i-th validation example always draws key VAL_SEED + i
+
+
+def validation_loss(model: Model, examples: list[tuple[list[int], int]], **loss_kwargs) -> float:
+    """Mean loss over `examples`, each under a fixed noise key, so values compare across reports and runs."""
+    total = 0.0
+    for i, (ids, prompt_len) in enumerate(examples):
+        total += diffusion_loss(model, ids, prompt_len, mx.random.key(VAL_SEED + i), **loss_kwargs)[0].item()
+    return total / len(examples)
+
+
+def _draw(examples, order: list[int], rng: random.Random, n: int):
+    """`n` examples, reshuffling each time every example has been used once."""
+    batch = []
+    for _ in range(n):
+        if not order:
+            order.extend(range(len(examples)))
+            rng.shuffle(order)
+        batch.append(examples[order.pop()])
+    return batch
+
 
 def train(
     model: Model,
@@ -212,10 +234,17 @@ def train(
     report_every: int = 10,
     save_every: int = 0,
     save=None,
+    val_examples: list[tuple[list[int], int]] | None = None,
+    val_every: int = 50,
     log=print,
     **loss_kwargs,
 ) -> list[float]:
-    """Adam on the model's trainable parameters; returns the loss of every iteration."""
+    """Adam on the model's trainable parameters; returns the loss of every iteration.
+
+    Logs `iter N: loss L, T tokens/s` every `report_every` iterations and, given `val_examples`,
+    `iter N: val loss L` before training, every `val_every` iterations and at the end. Calls `save(N)` every
+    `save_every` iterations before the last (the caller saves the final state).
+    """
     optimizer = optim.Adam(learning_rate=learning_rate)
     rng = random.Random(seed)
     key = mx.random.key(seed)
@@ -224,65 +253,153 @@ def train(
         losses = [diffusion_loss(model, ids, p, k, **loss_kwargs)[0] for (ids, p), k in zip(batch, keys)]
         return sum(losses) / len(losses)
 
+    def validate(it):
+        if val_examples:
+            log(f"iter {it}: val loss {validation_loss(model, val_examples, **loss_kwargs):.4f}")
+
     loss_and_grad = nn.value_and_grad(model, batch_loss)
     order: list[int] = []
-    history, tokens, tic = [], 0, time.perf_counter()
+    history, tokens, elapsed = [], 0, 0.0  # elapsed: training steps only, not validation or saving
+    validate(0)
     for it in range(1, iters + 1):
-        batch = []
-        for _ in range(batch_size):
-            if not order:
-                order = list(range(len(examples)))
-                rng.shuffle(order)
-            batch.append(examples[order.pop()])
+        tic = time.perf_counter()
+        batch = _draw(examples, order, rng, batch_size)
         key, sub = mx.random.split(key)
         loss, grads = loss_and_grad(batch, mx.random.split(sub, batch_size))
         optimizer.update(model, grads)
         mx.eval(loss, model.trainable_parameters(), optimizer.state)
         history.append(loss.item())
+        elapsed += time.perf_counter() - tic
         tokens += sum(len(ids) for ids, _ in batch)
         if it % report_every == 0 or it == iters:
-            elapsed = time.perf_counter() - tic
             log(f"iter {it}: loss {history[-1]:.4f}, {tokens / max(elapsed, 1e-9):.1f} tokens/s")
-            tokens, tic = 0, time.perf_counter()
-        if save is not None and save_every and it % save_every == 0:
-            save()
+            tokens, elapsed = 0, 0.0
+        if (val_every and it % val_every == 0) or it == iters:
+            validate(it)
+        if save is not None and save_every and it % save_every == 0 and it < iters:
+            save(it)
     return history
 
 
-def run_finetune(
-    model_path: str, data: str, *, lora_rank: int = 8, lora_scale: float = 20.0, iters: int = 100,
-    batch_size: int = 1, learning_rate: float = 1e-4, save_every: int = 100, adapter_path: str = "adapters",
-    seed: int = 0, report_every: int = 10,
-) -> Path:
-    """The `finetune` command: read the data, load the model, train LoRA adapters and save them."""
-    from .loader import load
-    from .lora import apply_lora, save_adapters
+# --- the finetune command -----------------------------------------------------------------------------------
 
-    checks = (("--iters", iters), ("--batch-size", batch_size), ("--lora-rank", lora_rank),
-              ("--steps-per-report", report_every))
-    for name, value in checks:
-        if value < 1:
+
+def _check_options(full, resume, adapter_path, save_path, lora_rank, lora_scale, lora_experts, counts) -> None:
+    for name, value in counts.items():
+        if value is not None and value < 1:
             raise UsageError(f"{name} must be at least 1 (got {value})")
-    records = read_jsonl(data)
-    model, tokenizer = load(model_path)
+    if full:
+        given = [("--resume", resume), ("--adapter-path", adapter_path), ("--lora-rank", lora_rank),
+                 ("--lora-scale", lora_scale), ("--lora-experts", lora_experts)]
+        conflict = next((name for name, value in given if value not in (None, False)), None)
+        if conflict:
+            raise UsageError(f"--full trains every weight and takes no {conflict} (to continue a full fine-tune, "
+                             "pass its folder as --model)")
+        if save_path is None:
+            raise UsageError("--full needs --save-path DIR, the folder for the fine-tuned checkpoint")
+        if Path(save_path).expanduser().exists():
+            raise UsageError(f"{save_path} already exists; choose a new --save-path")
+    elif save_path is not None:
+        raise UsageError("--save-path is for --full; LoRA adapters go to --adapter-path (`fuse` merges them)")
+
+
+def _resume_config(path: Path, rank: int | None, scale: float | None, experts: bool) -> dict:
+    """The saved adapter config, after checking the LoRA flags given agree with it."""
+    from .lora import CONFIG_FILE, EXPERT_TARGETS, read_adapter_config
+
+    if not (path / CONFIG_FILE).exists():
+        raise UsageError(f"--resume needs adapters in {path}, which has no {CONFIG_FILE}; train without --resume")
+    saved = read_adapter_config(path)
+    for flag, value, field in (("--lora-rank", rank, "rank"), ("--lora-scale", scale, "scale")):
+        if value is not None and value != saved.get(field):
+            raise UsageError(f"{flag} {value} differs from the {field} {saved.get(field)} of the adapters in "
+                             f"{path}; drop {flag} to resume")
+    if experts and not set(EXPERT_TARGETS) <= set(saved.get("modules", ())):
+        raise UsageError(f"the adapters in {path} have no expert LoRA; drop --lora-experts to resume them")
+    return saved
+
+
+def _tokenized(tokenizer, records, path) -> list[tuple[list[int], int]]:
     examples = []
     for lineno, messages in records:
         try:
             examples.append(tokenize(tokenizer, messages))
         except Exception as e:  # the template rejected the messages, or renders them oddly
-            raise UsageError(f"{data}, line {lineno}: cannot tokenize the conversation ({e})") from None
-    mx.random.seed(seed)  # the LoRA A matrices' initialisation
-    config = apply_lora(model, rank=lora_rank, scale=lora_scale)
-    out = Path(adapter_path)
+            raise UsageError(f"{path}, line {lineno}: cannot tokenize the conversation ({e})") from None
+    return examples
 
-    def save():
+
+def _trainer(model, source: Path, *, full, resume, adapter_path, save_path, lora_rank, lora_scale, lora_experts):
+    """Make the model trainable (all of it, or LoRA); returns (what is trained, save(name), output folder)."""
+    from .loader import load_config, save_checkpoint
+    from .lora import ADAPTER_FILE, DEFAULT_RANK, DEFAULT_SCALE, EXPERT_TARGETS, TARGETS, apply_lora, \
+        load_adapters, save_adapters
+
+    if full:
+        if any(k.endswith(".scales") for k, _ in tree_flatten(model.parameters())):
+            raise UsageError(f"--full cannot train the quantized weights of {source}; use LoRA (the default) "
+                             "or an unquantized checkpoint")
+        model.unfreeze()
+        config, out = load_config(source)[0], Path(save_path).expanduser()
+        return "every weight", lambda it=None: save_checkpoint(model, source, out, config), out
+    out = Path(adapter_path or "adapters")
+    if resume:
+        config = load_adapters(model, out)
+        what = f"LoRA rank {config['rank']} resumed from {out}"
+    else:
+        modules = TARGETS + (EXPERT_TARGETS if lora_experts else ())
+        config = apply_lora(model, lora_rank or DEFAULT_RANK, DEFAULT_SCALE if lora_scale is None else lora_scale,
+                            modules=modules)
+        what = f"LoRA rank {config['rank']}{' with experts' if lora_experts else ''}"
+
+    def save(it=None):
+        if it is not None:  # a numbered copy too, so an earlier state can be picked by its validation loss
+            save_adapters(model, out, config, name=f"{it:07d}_{ADAPTER_FILE}")
         save_adapters(model, out, config)
+
+    return what, save, out
+
+
+def run_finetune(
+    model_path: str, data: str, *, lora_rank: int | None = None, lora_scale: float | None = None,
+    lora_experts: bool = False, full: bool = False, iters: int = 100, batch_size: int = 1,
+    learning_rate: float = 1e-4, save_every: int = 100, adapter_path: str | None = None,
+    save_path: str | None = None, resume: bool = False, val_data: str | None = None, val_every: int = 50,
+    seed: int = 0, report_every: int = 10,
+) -> Path:
+    """The `finetune` command: read the data, load the model, train (LoRA or `full`) and save; returns the
+    output folder (adapters, or with `full` a checkpoint folder at `save_path`)."""
+    from .loader import load, resolve_path
+
+    counts = {"--iters": iters, "--batch-size": batch_size, "--lora-rank": lora_rank, "--val-every": val_every,
+              "--steps-per-report": report_every}
+    _check_options(full, resume, adapter_path, save_path, lora_rank, lora_scale, lora_experts, counts)
+    if resume:
+        _resume_config(Path(adapter_path or "adapters"), lora_rank, lora_scale, lora_experts)
+    records = read_jsonl(data)
+    val_records = read_jsonl(val_data) if val_data is not None else None
+    source = resolve_path(model_path)
+    model, tokenizer = load(source)
+    examples = _tokenized(tokenizer, records, data)
+    val_examples = _tokenized(tokenizer, val_records, val_data) if val_records else None
+    mx.random.seed(seed)  # the LoRA A matrices' initialisation
+    what, save, out = _trainer(model, source, full=full, resume=resume, adapter_path=adapter_path,
+                               save_path=save_path, lora_rank=lora_rank, lora_scale=lora_scale,
+                               lora_experts=lora_experts)
 
     log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
     n_tok = sum(len(ids) for ids, _ in examples)
-    log(f"{len(examples)} examples, {n_tok} tokens; LoRA rank {lora_rank} on {len(config['modules'])} module kinds")
+    n_par = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+    val = f", {len(val_examples)} validation examples" if val_examples else ""
+    log(f"{len(examples)} examples, {n_tok} tokens{val}; training {what}: {n_par:,} parameters")
+
+    def periodic_save(it):
+        save(it)
+        log(f"iter {it}: saved to {out}")
+
     train(model, examples, iters=iters, batch_size=batch_size, learning_rate=learning_rate, seed=seed,
-          report_every=report_every, save_every=save_every, save=save, log=log)
+          report_every=report_every, save_every=save_every, save=periodic_save, val_examples=val_examples,
+          val_every=val_every, log=log)
     save()
-    log(f"saved adapters to {out}")
+    log(f"saved {'the checkpoint' if full else 'adapters'} to {out}")
     return out
