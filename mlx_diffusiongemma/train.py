@@ -1,4 +1,5 @@
-"""Fine-tuning DiffusionGemma in MLX: the block-diffusion SFT objective, a JSONL loader and a LoRA loop.
+"""Fine-tuning DiffusionGemma in MLX: the block-diffusion SFT objective, a JSONL loader and the training
+loop (LoRA, QLoRA or every weight).
 
 The objective follows NeMo AutoModel's DiffusionGemma SFT recipe as it was described to us (we did not have
 its source; where the description is silent, the choice below is ours and says so):

@@ -197,6 +197,13 @@ FLAGS = {
         "--no-live", "--verbose", "--quiet",
     ],
     ("info",): ["--model", "--dtype"],
+    ("demo",): ["--task", "--count", "--drafter", "--seed", "--no-live", "--pace"],
+    ("bench",): ["--model", "--random", "--adapter-path", "--steps", "--canvases", "--json"],
+    ("finetune",): [
+        "--model", "--data", "--val-data", "--val-every", "--lora-rank", "--lora-experts", "--full", "--iters",
+        "--batch-size", "--learning-rate", "--save-every", "--resume", "--adapter-path", "--save-path",
+    ],
+    ("fuse",): ["--model", "--adapter-path", "--save-path", "--dequantize"],
 }
 
 
