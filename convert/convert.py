@@ -97,7 +97,23 @@ def _source_dtype(headers: dict[str, dict]) -> str:
     return found or "float32"
 
 
-def _copy_side_files(src: Path, dst: Path) -> None:
+def install_folder(tmp: Path, dst: Path) -> None:
+    """Rename the complete folder `tmp` to `dst`; an existing `dst` is swapped out, and put back on failure."""
+    if not dst.exists():
+        os.replace(tmp, dst)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
+    os.replace(dst, old / dst.name)
+    try:
+        os.replace(tmp, dst)
+    except BaseException:
+        os.replace(old / dst.name, dst)  # put the previous folder back
+        raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def copy_side_files(src: Path, dst: Path) -> None:
     for pattern in _COPY_PATTERNS:
         for file in sorted(src.glob(pattern)):
             if file.is_file():
@@ -470,7 +486,7 @@ def _convert_into(
         qconfig = dict(requested)
         qconfig.update({m: settings[m] for m in sorted(settings)})
     _write_config(src_config, tmp, dtype, qconfig)
-    _copy_side_files(src, tmp)
+    copy_side_files(src, tmp)
 
 
 def convert(
@@ -534,18 +550,7 @@ def convert(
             src, tmp, dtype=dtype, quantize=quantize, q_bits=q_bits, q_group_size=q_group_size,
             q_mode=q_mode, q_recipe=q_recipe, progress=progress, shard_cap=shard_cap,
         )
-        if dst.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
-            os.replace(dst, old / dst.name)
-            try:
-                os.replace(tmp, dst)
-            except BaseException:
-                os.replace(old / dst.name, dst)  # put the previous folder back
-                old.rmdir()
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dst)
+        install_folder(tmp, dst)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, (DiffusionGemmaError, KeyboardInterrupt, SystemExit)):

@@ -194,13 +194,12 @@ def save_checkpoint(model: Model, source: Path, dest: str | Path, config: dict) 
     The folder is built under a temporary name beside `dest` and renamed into place, so a failure or an
     interruption leaves nothing half-written; an existing `dest` is replaced only once the new one is complete.
     """
-    import os
     import shutil
     import tempfile
 
     from mlx_lm.utils import save_model
 
-    from .convert.convert import _copy_side_files
+    from .convert.convert import copy_side_files, install_folder
 
     dest = Path(dest).expanduser().absolute()
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -208,19 +207,8 @@ def save_checkpoint(model: Model, source: Path, dest: str | Path, config: dict) 
     try:
         save_model(tmp, model)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        _copy_side_files(source, tmp)
-        if dest.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
-            os.replace(dest, old / dest.name)
-            try:
-                os.replace(tmp, dest)
-            except BaseException:
-                os.replace(old / dest.name, dest)  # put the previous folder back
-                raise
-            finally:
-                shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dest)
+        copy_side_files(source, tmp)
+        install_folder(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
