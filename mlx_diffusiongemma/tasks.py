@@ -24,8 +24,9 @@ def _sort(rng: random.Random) -> tuple[str, str]:
 
 
 def _add(rng: random.Random) -> tuple[str, str]:
+    # Fixed widths line the digits up by position (units under units), which a 4-layer model needs.
     a, b = rng.randrange(1000), rng.randrange(1000)
-    return f"add {a}+{b}", str(a + b)
+    return f"add {a:03d}+{b:03d}", f"{a + b:04d}"
 
 
 def _check_exact(prompt: str, reply: str) -> bool:
@@ -38,7 +39,7 @@ def _solve(prompt: str) -> str:
     if verb == "sort":
         return "".join(sorted(arg))
     a, b = arg.split("+")
-    return str(int(a) + int(b))
+    return f"{int(a) + int(b):04d}"
 
 
 # --- 4x4 sudoku: rows, columns and 2x2 boxes each hold 1-4 ---------------------------------------------------

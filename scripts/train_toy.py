@@ -100,10 +100,10 @@ def encode(tokenizer, prompt: str, answer: str) -> tuple[list[int], int]:
     return list(ids) + reply + [0] * (CANVAS - len(reply)), len(ids)
 
 
-def batches(tokenizer, batch_size: int, seed: int, skip: set[str]):
-    """Endless batches of one task each, all rows with the same prompt length (so one array, no padding)."""
+def batches(tokenizer, batch_size: int, seed: int, skip: set[str], names: list[str]):
+    """Endless batches of one task each (drawn from `names`; a repeated name weighs more), all rows with the
+    same prompt length (so one array, no padding)."""
     rng = random.Random(seed)
-    names = sorted(TASKS)
     while True:
         task = rng.choice(names)
         make = TASKS[task].make
@@ -122,7 +122,7 @@ def batches(tokenizer, batch_size: int, seed: int, skip: set[str]):
 # --- training -----------------------------------------------------------------------------------------------
 
 
-def train(model, tokenizer, *, iters: int, batch_size: int, lr: float, seed: int, log) -> dict:
+def train(model, tokenizer, *, iters: int, batch_size: int, lr: float, seed: int, tasks: list[str], log) -> dict:
     mx.random.seed(seed)
     warmup = max(1, iters // 20)
     schedule = optim.join_schedules(
@@ -136,7 +136,7 @@ def train(model, tokenizer, *, iters: int, batch_size: int, lr: float, seed: int
 
     loss_and_grad = nn.value_and_grad(model, loss_fn)
     key = mx.random.key(seed)
-    stream = batches(tokenizer, batch_size, seed, held_out_prompts())
+    stream = batches(tokenizer, batch_size, seed, held_out_prompts(), tasks)
     recent: dict[str, list[float]] = {t: [] for t in TASKS}
     tic, start = time.perf_counter(), time.perf_counter()
     for it in range(1, iters + 1):
@@ -153,7 +153,7 @@ def train(model, tokenizer, *, iters: int, batch_size: int, lr: float, seed: int
                 f"{100 / (time.perf_counter() - tic):.1f} it/s" if it % 100 == 0 else f"iter {it}")
             tic = time.perf_counter()
     return {"iters": iters, "seconds": round(time.perf_counter() - start, 1),
-            "final_diffusion_loss": {t: round(sum(v) / max(len(v), 1), 4) for t, v in recent.items()}}
+            "final_diffusion_loss": {t: round(sum(v) / len(v), 4) if v else None for t, v in recent.items()}}
 
 
 def write_trained(model, initial: Path, out: Path) -> None:
@@ -175,13 +175,21 @@ def main_with(args) -> int:
     log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
     with tempfile.TemporaryDirectory() as tmp:
         initial, staged = Path(tmp) / "initial", Path(tmp) / "toy"
-        build_initial(initial, args.seed)
+        stages = []
+        if args.resume_from:  # a later stage: the previous stage's folder is the starting point
+            shutil.copytree(args.resume_from, initial)
+            previous = initial / "metrics.json"
+            stages = json.loads(previous.read_text())["stages"] if previous.exists() else []
+            previous.unlink(missing_ok=True)
+        else:
+            build_initial(initial, args.seed)
         model, tokenizer = load(initial)
         log(f"training {sum(v.size for _, v in tree_flatten(model.parameters())) / 1e6:.2f}M parameters; {blas}")
-        metrics = {"command": "python scripts/train_toy.py " + " ".join(sys.argv[1:]), "blas": blas,
-                   "data": "mlx_diffusiongemma/tasks.py (fresh prompts every batch, held-out ones skipped)",
-                   **train(model, tokenizer, iters=args.iters, batch_size=args.batch_size, lr=args.learning_rate,
-                           seed=args.seed, log=log)}
+        stage = {"command": "python scripts/train_toy.py " + " ".join(sys.argv[1:]),
+                 **train(model, tokenizer, iters=args.iters, batch_size=args.batch_size, lr=args.learning_rate,
+                         seed=args.seed, tasks=args.tasks, log=log)}
+        metrics = {"blas": blas, "data": "mlx_diffusiongemma/tasks.py (fresh prompts every batch, held-out ones "
+                   "skipped)", "stages": stages + [stage], "seconds": sum(s["seconds"] for s in stages + [stage])}
         write_trained(model, initial, staged)
         model, tokenizer = load(staged)  # score what was written, not what is in memory
         metrics["held_out"] = [evaluate(model, tokenizer, task, args.eval_prompts, drafter)
@@ -200,12 +208,17 @@ def main_with(args) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=TOY_PATH, help="folder to write (replaced if it exists)")
-    ap.add_argument("--iters", type=int, default=5000)
+    ap.add_argument("--iters", type=int, default=7500)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--learning-rate", type=float, default=2e-3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tasks", type=lambda v: v.split(","), default=sorted(TASKS),
+                    help="comma-separated tasks to draw batches from; repeat one to weigh it more")
+    ap.add_argument("--resume-from", type=Path, help="continue from a folder this script wrote (a later stage)")
     ap.add_argument("--eval-prompts", type=int, default=500, help="held-out prompts per task (0: skip)")
     args = ap.parse_args()
+    if set(args.tasks) - set(TASKS):
+        ap.error(f"unknown --tasks {sorted(set(args.tasks) - set(TASKS))}; choose from {sorted(TASKS)}")
     raise SystemExit(main_with(args))
 
 

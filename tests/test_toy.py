@@ -1,0 +1,134 @@
+"""The bundled toy model: HF-format parity, held-out accuracy, `demo`, reproducible training, LoRA on a new task."""
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+from transformers import DynamicCache
+
+from checkpoints import load_reference
+from mlx_diffusiongemma.loader import load
+from mlx_diffusiongemma.tasks import GRIDS, TASKS, examples
+from mlx_diffusiongemma.toy import TOY_PATH, evaluate, held_out, held_out_prompts
+
+ROOT = Path(__file__).resolve().parents[1]
+CLI = [sys.executable, "-m", "mlx_diffusiongemma"]
+
+
+def _run(*args, timeout=600):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    return subprocess.run([*map(str, args)], capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return load("toy")
+
+
+def test_checkers_accept_right_and_reject_wrong_answers():
+    rng = random.Random(0)
+    for name, task in TASKS.items():
+        for _ in range(50):
+            prompt, answer = task.make(rng)
+            assert task.check(prompt, answer), (prompt, answer)
+            wrong = answer[:-1] + ("1" if answer[-1] != "1" else "2")
+            assert not task.check(prompt, wrong), (prompt, wrong)
+    assert len(GRIDS) == 288  # every solved 4x4 sudoku
+    assert not TASKS["sudoku"].check("sudoku 1.../..../..../....", "1234/3412/2143/4312")
+
+
+def test_held_out_prompts_are_never_trained_on():
+    held = held_out_prompts()
+    assert len(held) == 3 * 2000
+    train_like = {p for task in TASKS for p, _ in examples(task, 2000, seed=0, exclude=held)}
+    assert not held & train_like
+
+
+def test_toy_is_small_and_hf_format(toy):
+    files = {p.name for p in TOY_PATH.iterdir()}
+    assert {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+            "model.safetensors", "metrics.json"} <= files
+    assert sum(p.stat().st_size for p in TOY_PATH.iterdir()) <= 15 * 2**20
+    model, tokenizer = toy
+    assert "<|turn>model" in tokenizer.apply_chat_template([{"role": "user", "content": "x"}],
+                                                            add_generation_prompt=True, tokenize=False)
+    # transformers reads the same folder and computes the same decoder logits.
+    reference = load_reference(TOY_PATH)
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "add 12+30"}], add_generation_prompt=True)
+    canvas = list(range(5, 5 + model.args.canvas_length))
+    cache = model.make_cache()
+    model.encode(mx.array([ids]), cache)
+    ours = np.array(model.decode(mx.array([canvas]), cache))
+    ref_cache = DynamicCache(config=reference.config.text_config)
+    with torch.no_grad():
+        reference.model.encoder(input_ids=torch.tensor([ids]), cache=ref_cache)
+        expected = reference(cache=ref_cache, decoder_input_ids=torch.tensor([canvas])).logits
+    assert np.abs(ours - expected.float().numpy()).max() < 1e-4
+
+
+def test_toy_solves_held_out_prompts(toy):
+    """A sample of the held-out evaluation (metrics.json holds the full 500-prompt figures)."""
+    model, tokenizer = toy
+    for task in TASKS:
+        result = evaluate(model, tokenizer, task, n=20, drafter="reference")
+        assert result["accuracy"] >= 0.9, result
+        assert result["mean_steps"] < 0.5 * 48, result  # the adaptive stop fires well before the cap
+
+
+def test_shipped_metrics_meet_the_bar():
+    metrics = json.loads((TOY_PATH / "metrics.json").read_text())
+    reference = [row for row in metrics["held_out"] if row["drafter"] == "reference"]
+    assert {row["task"] for row in reference} == set(TASKS)
+    assert all(row["prompts"] == 500 and row["accuracy"] >= 0.95 for row in reference), reference
+
+
+def test_demo_runs_offline():
+    r = _run(*CLI, "demo", "--no-live", "--count", "1", "--seed", "0")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("> ") == len(TASKS) and "denoising steps" in r.stdout
+    assert "solved" in r.stderr
+    bad = _run(*CLI, "demo", "--task", "chess")
+    assert bad.returncode == 1 and bad.stderr.startswith("error: unknown --task") and "Traceback" not in bad.stderr
+
+
+def test_training_script_is_deterministic(tmp_path):
+    """Two short runs of the documented script write identical weights (so a full run reproduces the toy)."""
+    outs = []
+    for name in ("a", "b"):
+        r = _run(sys.executable, "scripts/train_toy.py", "--out", tmp_path / name, "--iters", "4",
+                 "--batch-size", "4", "--eval-prompts", "0")
+        assert r.returncode == 0, r.stderr
+        outs.append((tmp_path / name / "model.safetensors").read_bytes())
+    assert outs[0] == outs[1]
+    model, _ = load(tmp_path / "a")
+    assert model.args.canvas_length == 24
+
+
+def test_lora_on_the_toy_learns_a_new_task(tmp_path):
+    """Fine-tune the toy on reversing digits (a task it never saw): the task loss falls; generate uses it."""
+    rng = random.Random(0)
+    rows = []
+    for _ in range(64):
+        digits = "".join(rng.choice("0123456789") for _ in range(rng.randint(3, 6)))
+        rows.append({"prompt": f"reverse {digits}", "completion": digits[::-1]})
+    data = tmp_path / "reverse.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    adapters = tmp_path / "adapters"
+    r = _run(*CLI, "finetune", "--model", "toy", "--data", data, "--val-data", data, "--val-every", "30",
+             "--iters", "30", "--batch-size", "4", "--learning-rate", "3e-3", "--adapter-path", adapters)
+    assert r.returncode == 0, r.stderr
+    val = [float(line.split("val loss ")[1]) for line in r.stderr.splitlines() if "val loss" in line]
+    assert len(val) >= 2 and val[-1] < 0.7 * val[0], val  # fixed-noise loss on the task, before and after
+    g = _run(*CLI, "generate", "--model", "toy", "--adapter-path", adapters, "--prompt", "reverse 123",
+             "--seed", "0", "--no-live", "--quiet")
+    assert g.returncode == 0, g.stderr
+    plain = _run(*CLI, "generate", "--model", "toy", "--prompt", "reverse 123", "--seed", "0", "--no-live",
+                 "--quiet")
+    assert g.stdout != plain.stdout
