@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import sys
 
-from .console import check_context, make_output, parse_template_config, print_stats, stream_reply
+from .console import check_context, make_output, parse_template_config, print_stats, reply_length, stream_reply
 from .errors import ContextLengthError, UsageError
 
 HELP = """\
@@ -30,12 +30,12 @@ PROMPT = "> "
 
 
 def run_chat(
-    model: str, *, system_prompt: str | None = None, max_tokens: int = 256, seed: int | None = None,
+    model: str, *, system_prompt: str | None = None, max_tokens: int | None = None, seed: int | None = None,
     drafter: str = "reference", chat_template_config: str | None = None, dtype: str | None = None,
     live: bool = True, verbose: bool = False, adapter_path: str | None = None,
 ) -> None:
     template_kwargs = parse_template_config(chat_template_config)
-    if max_tokens < 1:
+    if max_tokens is not None and max_tokens < 1:
         raise UsageError(f"--max-tokens must be at least 1 (got {max_tokens})")
     interactive = _isatty(sys.stdin)
     if interactive:
@@ -50,6 +50,7 @@ def run_chat(
 
     m, tokenizer = load(model, dtype=dtype, adapter_path=adapter_path)
     config = resolve_drafter(drafter, getattr(m, "generation_config", None), m.args.canvas_length)
+    max_tokens = reply_length(m, max_tokens)
     out = make_output(m, tokenizer, live)
     opening = [{"role": "system", "content": system_prompt}] if system_prompt else []
     history = list(opening)

@@ -76,7 +76,10 @@ def generate(
     system_prompt: Optional[str] = typer.Option(
         None, "--system-prompt", help="A system message for the chat template (default: none)."
     ),
-    max_tokens: int = typer.Option(256, "--max-tokens", help="Most tokens to generate (canvases stay whole)."),
+    max_tokens: Optional[int] = typer.Option(
+        None, "--max-tokens", help="Most tokens to generate, canvases staying whole (default: the "
+        "checkpoint's max_new_tokens, else 256)."
+    ),
     seed: Optional[int] = typer.Option(
         None, "--seed", help="Random seed (default: a fresh one, printed with --verbose)."
     ),
@@ -108,7 +111,10 @@ def chat(
     system_prompt: Optional[str] = typer.Option(
         None, "--system-prompt", help="A system message that opens the conversation (default: none)."
     ),
-    max_tokens: int = typer.Option(256, "--max-tokens", help="Most tokens per reply (canvases stay whole)."),
+    max_tokens: Optional[int] = typer.Option(
+        None, "--max-tokens", help="Most tokens per reply, canvases staying whole (default: the checkpoint's "
+        "max_new_tokens, else 256)."
+    ),
     seed: Optional[int] = typer.Option(
         None, "--seed", help="Seed for the whole session (default: a fresh one per reply, printed with --verbose)."
     ),

@@ -13,6 +13,8 @@ from typing import Any
 from .errors import ContextLengthError, UsageError
 from .live import TerminalOutput
 
+DEFAULT_MAX_TOKENS = 256
+
 
 def parse_template_config(value: str | None) -> dict[str, Any] | None:
     """`--chat-template-config`: a JSON object of extra chat template variables (None when not given)."""
@@ -46,6 +48,14 @@ def check_context(model, prompt_tokens: int, max_tokens: int, canvas_length: int
             f"{canvas_length}: {need} positions, more than the model's context of {limit}; "
             f"{hint or 'shorten the prompt or lower --max-tokens'}"
         )
+
+
+def reply_length(model, max_tokens: int | None) -> int:
+    """`--max-tokens` if given, else the checkpoint's `max_new_tokens` (the released one says 256), else 256."""
+    if max_tokens is not None:
+        return max_tokens
+    configured = (getattr(model, "generation_config", None) or {}).get("max_new_tokens")
+    return configured if isinstance(configured, int) and configured > 0 else DEFAULT_MAX_TOKENS
 
 
 def make_output(model, tokenizer, live: bool, stream=None) -> TerminalOutput:
@@ -106,7 +116,7 @@ def print_stats(r, chat_turn: int | None = None, stream=None) -> None:
 
 
 def run_generate(
-    model: str, prompt: str, *, system_prompt: str | None, max_tokens: int, seed: int | None, drafter: str,
+    model: str, prompt: str, *, system_prompt: str | None, max_tokens: int | None, seed: int | None, drafter: str,
     ignore_chat_template: bool, chat_template_config: str | None, dtype: str | None, live: bool, verbose: bool,
     adapter_path: str | None = None,
 ) -> None:
@@ -116,7 +126,7 @@ def run_generate(
         raise UsageError("--system-prompt needs the chat template (drop --ignore-chat-template)")
     if ignore_chat_template and template_kwargs:
         raise UsageError("--chat-template-config needs the chat template (drop --ignore-chat-template)")
-    if max_tokens < 1:
+    if max_tokens is not None and max_tokens < 1:
         raise UsageError(f"--max-tokens must be at least 1 (got {max_tokens})")
     text = sys.stdin.read() if prompt == "-" else prompt
 
@@ -126,6 +136,7 @@ def run_generate(
 
     m, tokenizer = load(model, dtype=dtype, adapter_path=adapter_path)
     config = resolve_drafter(drafter, getattr(m, "generation_config", None), m.args.canvas_length)
+    max_tokens = reply_length(m, max_tokens)
     if ignore_chat_template:
         request = text
     else:
