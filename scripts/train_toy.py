@@ -1,16 +1,20 @@
 """Train the bundled toy DiffusionGemma from scratch, reproducibly, and score it.
 
-    pip install -e '.[test]'                      # transformers + torch write the initial HF checkpoint
-    python scripts/train_toy.py                   # writes mlx_diffusiongemma/toy_model/ (about 30 min, 2 cores)
-    python scripts/train_toy.py --out /tmp/toy    # reproduce elsewhere and compare its metrics.json
+    pip install -e '.[test]'      # transformers + torch write the initial HF checkpoint
+    python scripts/train_toy.py --out /tmp/toy-stage1 --eval-prompts 0                  # 47 min here
+    python scripts/train_toy.py --resume-from /tmp/toy-stage1 --out /tmp/toy \\
+        --tasks add,add,add,add,sort,sudoku --iters 3000 --learning-rate 2e-3 --seed 1   # 17-23 min here
+
+are the two stages that made `mlx_diffusiongemma/toy_model/` (its `metrics.json` records both commands).
+The first learns sort and sudoku; addition needs the second, weighted to it, to leave its plateau.
 
 The model is the real architecture at a small size: sliding and full attention layers, a dense MLP beside a
 top-2-of-8 mixture of experts, the self-conditioning MLP, a character-level tokenizer with the Gemma 4 chat
 format, and a 24-token canvas. transformers builds the random initial checkpoint (so the folder is
 HF-format by construction); MLX trains it with the block-diffusion SFT loss of `train.diffusion_loss` on
 prompts drawn fresh from `tasks.py` (never a held-out one), then the trained tensors are written back under
-their HF names. Everything is seeded; `metrics.json` records the command, the final losses and the held-out
-accuracy and mean denoising steps per task for the `reference` and `fast` drafters.
+their HF names. Everything is seeded; `metrics.json` records each stage's command, time and final losses and
+the held-out accuracy and mean denoising steps per task for the `reference` and `fast` drafters.
 """
 
 from __future__ import annotations
