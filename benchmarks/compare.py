@@ -9,6 +9,10 @@ no EOS, after the same prompt; the script checks that each did the same number o
 CPU wheel links a slow reference BLAS, so when cmeel-openblas is installed the script re-runs itself with
 OpenBLAS interposed (LD_PRELOAD), which every MLX engine in the process then shares; `--no-openblas` keeps
 the wheel's BLAS. Timings are medians over `--repeat` runs after one warm-up.
+
+For our runner it also times the model's forward passes alone (prefill, decoder passes, commit pass) and
+the final logit softcap, which the reference computes in its forward and our loop in its sampler pass, and
+prints the share of a canvas spent outside the forward passes, with the softcap counted in and out.
 """
 
 from __future__ import annotations
@@ -79,28 +83,52 @@ def ours(path: Path, ids, canvases: int, steps: int, repeat: int):
     return times, passes, _forward_seconds(model, prompt, canvases, steps)
 
 
-def _forward_seconds(model, prompt, canvases: int, steps: int, repeat: int = 3) -> float:
-    """The model's forward passes alone for one run: prefill, decoder passes, commit passes (medians)."""
-    import mlx.core as mx
+def _forward_seconds(model, prompt, canvases: int, steps: int, repeat: int = 3) -> dict[str, float]:
+    """Seconds per run spent in the model's forward passes, each timed alone (medians), as the loop calls them.
 
-    def timed(fn):
-        samples = []
-        for _ in range(repeat):
-            cache = model.make_cache()
-            model.encode(prompt, cache)
-            mx.eval([c.keys for c in cache])
-            tic = time.perf_counter()
-            mx.eval(fn(cache))
-            samples.append(time.perf_counter() - tic)
-        return statistics.median(samples)
+    `forward`: the prefill; every decoder pass (embedding, self-conditioning matmul and MLP from a canvas's
+    second pass on, layers, LM head), over the cache that canvas sees; the commit passes. Without the final
+    logit softcap. `softcap`: that softcap (and the temperature) over every decoder pass's logits, which the
+    reference computes in its forward and our loop in its sampler pass, timed as the loop runs it.
+    """
+    import mlx.core as mx
+    import numpy as np
+
+    from mlx_diffusiongemma import host, sampler
 
     C, V = model.args.canvas_length, model.args.vocab_size
     canvas = mx.array(list(range(C)), dtype=mx.int32)[None] % V
+
+    def timed(fn, committed: int = 0, samples: int = repeat):
+        times = []
+        for _ in range(samples):
+            cache = model.make_cache()
+            model.encode(prompt, cache)
+            for _ in range(committed):
+                model.encode(canvas, cache)
+            mx.eval([c.keys for c in cache])
+            tic = time.perf_counter()
+            mx.eval(fn(cache))
+            times.append(time.perf_counter() - tic)
+        return statistics.median(times)
+
     probs = mx.softmax(mx.random.normal((1, C, V)), axis=-1)
-    decode = timed(lambda cache: model.decode(canvas, cache, self_conditioning_probs=probs))
-    commit = timed(lambda cache: (model.encode(canvas, cache), [c.keys for c in cache])[1])
-    prefill = timed(lambda cache: (model.encode(prompt, model.make_cache()), [])[1])
-    return prefill + canvases * steps * decode + (canvases - 1) * commit
+    total = timed(lambda cache: (model.encode(prompt, model.make_cache()), [])[1])  # the prefill
+    for i in range(canvases):  # canvas i attends to the prompt and the i canvases committed before it
+        total += timed(lambda cache: model.decode(canvas, cache, apply_softcap=False), i)
+        total += (steps - 1) * timed(
+            lambda cache: model.decode(canvas, cache, self_conditioning_probs=probs, apply_softcap=False), i)
+        if i:
+            total += timed(lambda cache: (model.encode(canvas, cache), [c.keys for c in cache])[1], i - 1)
+    logits = mx.random.normal((1, C, V)) * 10
+    mx.eval(logits)
+    if host.enabled():
+        rows = np.asarray(logits).reshape(C, V)
+        out = np.empty_like(rows)
+        cap = timed(lambda _: (host.scale_rows(rows, 0.6, out), [])[1], samples=5 * repeat)
+    else:
+        cap = timed(lambda _: sampler.scaled_logits(logits, 0.6), samples=5 * repeat)
+    return {"forward": total, "softcap": canvases * steps * cap}
 
 
 def mlx_vlm(path: Path, ids, canvases: int, steps: int, repeat: int):
@@ -215,7 +243,8 @@ def main() -> None:
         if row["decoder_passes"] != expected:
             raise SystemExit(f"{name} ran {row['decoder_passes']} decoder passes, expected {expected}: not the same work")
     if a.json:
-        print(json.dumps({"blas": blas, "rows": rows, "forward_ms": forward and 1000 * forward}, indent=2))
+        ms = {k: 1000 * v / a.canvases for k, v in forward.items()} if forward else None
+        print(json.dumps({"blas": blas, "rows": rows, "ours_per_canvas_ms": ms}, indent=2))
         return
     print(f"medium random checkpoint (hidden 512, 6 layers, 16 experts top-4, vocab {a.vocab}), fp32, "
           f"canvas {a.canvas_length}, {a.steps} steps x {a.canvases} canvases, {a.prompt_tokens}-token prompt; "
@@ -227,9 +256,12 @@ def main() -> None:
         lo, hi = row["spread_ms"]
         print(f"{name:<14}{row['ms_per_canvas']:>12.0f}{lo:>10.0f}{hi:>10.0f}{row['decoder_passes']:>8}{ratio:>11}")
     if base and forward:
-        work = 1000 * forward / a.canvases
-        print(f"ours: forward passes alone (prefill share, {a.steps} decoder passes, commit pass) {work:.0f} ms "
-              f"of {base:.0f} ms per canvas; outside them (sampler, loop): {100 * (1 - work / base):.1f}%")
+        work, cap = 1000 * forward["forward"] / a.canvases, 1000 * forward["softcap"] / a.canvases
+        print(f"ours, per canvas: {work:.0f} ms in the model's forward passes (MLX; prefill share, {a.steps} decoder "
+              f"passes, commit pass, each timed alone), {cap:.0f} ms in the final softcap 30*tanh(x/30) and "
+              f"temperature (the reference's forward does the softcap; our sampler pass does it, on the host)")
+        print(f"ours: time outside the forward passes (sampler, loop): {100 * (1 - (work + cap) / base):.1f}% of a "
+              f"canvas with the softcap counted as forward, {100 * (1 - work / base):.1f}% counting it outside")
 
 
 if __name__ == "__main__":

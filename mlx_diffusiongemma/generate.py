@@ -17,7 +17,7 @@ from typing import Any
 import mlx.core as mx
 from mlx_lm.generate import wired_limit
 
-from . import sampler
+from . import host, sampler
 from .cache import LayerCache, PromptCache
 from .drafter import DrafterConfig, resolve_drafter
 from .model import Model
@@ -60,9 +60,29 @@ def _vocab_stats(raw: mx.array, temp: float, sc_dtype) -> tuple[mx.array, ...]:
     return ent, total, argmax, probs, sc
 
 
+def _mlx_vocab_stats(raw: mx.array, temp: float, sc_dtype) -> tuple[mx.array, ...]:
+    return per_position(lambda r: _vocab_stats(r, temp, sc_dtype), raw)
+
+
+def _mlx_argmax(raw: mx.array, temp: float) -> mx.array:
+    best = per_position(lambda r: mx.argmax(sampler.scaled_logits(r, temp), axis=-1), raw)
+    return best.astype(mx.int32)
+
+
+def vocab_passes():
+    """`(stats, argmax)` over the LM head's raw logits, resolved once: NumPy's SIMD kernels on the CPU
+    backend (see `host`), MLX's elsewhere. `stats(raw, temp, sc_dtype)` may overwrite `raw`.
+
+    The host pass waits for the logits. On the CPU backend that costs nothing but the overlap of building
+    the next graph (~1.5 ms a step): the host's cores are the device's, and the next pass needs the result.
+    """
+    return (host.vocab_stats, host.argmax) if host.enabled() else (_mlx_vocab_stats, _mlx_argmax)
+
+
 def denoise_canvas(model: Model, cache, drafter: DrafterConfig, noise: NoiseSource, batch: int):
     """Draft one canvas: yields `(argmax canvas, steps)` after every decoder pass; the last is committed."""
     N, V, C = drafter.max_denoising_steps, model.args.vocab_size, drafter.canvas_length
+    stats, best_of = vocab_passes()
     x = noise.randint((batch, C), V)
     sc, argmax, history = None, x, ()
     done = mx.zeros((batch,), dtype=mx.bool_)
@@ -72,13 +92,12 @@ def denoise_canvas(model: Model, cache, drafter: DrafterConfig, noise: NoiseSour
         if n == 1:  # only the argmax of the last step is used (committed); its draws are still consumed
             noise.skip_categorical((batch, C))
             noise.randint((batch, C), V)
-            new_argmax = per_position(lambda r: mx.argmax(sampler.scaled_logits(r, temp), axis=-1), raw)
-            new_argmax = new_argmax.astype(mx.int32)
+            new_argmax = best_of(raw, temp)
             argmax = mx.where(done[:, None], argmax, new_argmax) if drafter.adaptive_stop else new_argmax
             mx.eval(argmax)
             yield argmax, N
             return
-        ent, total, new_argmax, probs, new_sc = per_position(lambda r: _vocab_stats(r, temp, model.dtype), raw)
+        ent, total, new_argmax, probs, new_sc = stats(raw, temp, model.dtype)
         sample = noise.categorical(probs)
         x_new = sampler.renoise(sample, _accept(drafter, ent, total), noise.randint((batch, C), V))
         if drafter.adaptive_stop:
@@ -92,7 +111,8 @@ def denoise_canvas(model: Model, cache, drafter: DrafterConfig, noise: NoiseSour
             )
             done = done | stop
         x, argmax, sc = x_new, new_argmax, new_sc
-        mx.eval(x, argmax, sc, done)
+        # Not a sync: the sampling runs while the caller takes the draft and the next pass's graph is built.
+        mx.async_eval(x, argmax, sc, done)
         yield argmax, N - n + 1
         if drafter.adaptive_stop and done.all().item():  # the one host sync a step needs
             return

@@ -1,9 +1,9 @@
 """Per-position vocabulary work split across CPU streams (one per core) on MLX's CPU backend.
 
-Elementwise kernels there run on one thread per stream, and the sampler's passes over the vocabulary
-(exp, sums, cumulative sums) are a fifth of a denoising step at hidden size 512. Positions are independent
-in that work, so chunks of them run on separate streams and the results are concatenated: bit-identical to
-one stream. (Inside the forward pass the same split measured slower: BLAS already uses every core there.)
+Elementwise kernels there run on one thread per stream. Positions are independent in the sampler's passes
+over the vocabulary (the categorical draw's cumulative sum; with `host` disabled, all of them), so chunks
+of positions run on separate streams and the results are concatenated: bit-identical to one stream.
+(Inside the forward pass the same split measured slower: BLAS already uses every core there.)
 On Metal (one GPU) everything stays on the default stream.
 """
 

@@ -1,9 +1,14 @@
-"""The loop's fast paths change nothing: compiled kernels and per-core stream splitting are bit-identical."""
+"""The loop's fast paths change nothing: compiled kernels and per-core stream splitting are bit-identical,
+and the host (NumPy) vocabulary pass gives the same tokens as MLX's, both token-exact with transformers."""
+
+import json
 
 import mlx.core as mx
+import numpy as np
 import pytest
 
 import mlx_diffusiongemma.parallel as parallel
+from mlx_diffusiongemma import host
 from mlx_diffusiongemma import load
 from mlx_diffusiongemma.drafter import resolve_drafter
 from mlx_diffusiongemma.generate import denoise
@@ -40,3 +45,31 @@ def test_stream_split_equals_one_stream(model, monkeypatch):
     monkeypatch.setattr(parallel, "_streams", [])  # one stream, as on Metal
     single = _run(model)
     assert mx.array_equal(split, single).item()
+
+
+def test_host_vocab_pass_equals_mlx_pass(model, monkeypatch):
+    if not host.enabled():
+        pytest.skip("not the CPU backend: the loop uses MLX's vocabulary pass")
+    on_host = _run(model)
+    monkeypatch.setattr(host, "enabled", lambda: False)
+    assert mx.array_equal(on_host, _run(model)).item()
+
+
+def test_mlx_vocab_pass_token_exact_with_transformers(tmp_path, monkeypatch):
+    """The generation parity test runs the host pass on the CPU backend; this runs MLX's (Metal's) pass."""
+    from checkpoints import build_checkpoint, load_reference
+    from test_generation_parity import CONFIGS, _ours, _reference
+
+    from mlx_diffusiongemma.loader import load_model
+
+    build, gen = CONFIGS["3-layer, hub config, stop fires"]
+    path = build_checkpoint(tmp_path, tokenizer=False, vocab_size=256, **build)
+    config_file = path / "generation_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), **gen}))
+    ref, ours = load_reference(path), load_model(path)
+    for seed in range(3):
+        prompt = np.random.default_rng(1000 + seed).integers(0, 256, (1, 3 * ours.args.sliding_window + 2))
+        expected = _reference(ref, prompt, np.random.default_rng(seed), monkeypatch)
+        monkeypatch.setattr(host, "enabled", lambda: False)
+        assert _ours(ours, prompt, np.random.default_rng(seed)) == expected, f"seed {seed}"
+        monkeypatch.undo()

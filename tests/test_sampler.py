@@ -310,3 +310,76 @@ def test_finalize_eos_matches_transformers():
         out, has_eos = S.finalize_eos(mx.array(canvas), eos, 0, done=mx.array(done))
         assert np.array_equal(np.array(out), ref_ids[:, -8:].numpy())
         assert np.array_equal(np.array(has_eos) | done, ref_fin.numpy())
+
+
+# --- the host (NumPy) vocabulary pass used on MLX's CPU backend -----------------------------------------
+
+
+def _mlx_stats(x: np.ndarray, temp: float, dtype=mx.float32):
+    from mlx_diffusiongemma.generate import _vocab_stats
+
+    return [np.array(a) for a in _vocab_stats(mx.array(x), temp, dtype)]
+
+
+def test_host_vocab_stats_match_mlx_and_consume_the_logits():
+    from mlx_diffusiongemma import host
+
+    rng = np.random.default_rng(3)
+    for scale in (0.5, 5.0, 60.0):
+        x = (rng.standard_normal((2, 9, 301)) * scale).astype(np.float32)
+        temp = S.temperature(5, 8, 0.4, 0.8)
+        want = _mlx_stats(x, temp)
+        raw = mx.array(x)
+        got = host.vocab_stats(raw, temp, mx.float32)
+        ent, total, best, probs, sc = [np.array(a) for a in got]
+        assert got[3] is raw and got[4] is raw  # probabilities written into the logits' own buffer
+        assert best.dtype == np.int32 and np.array_equal(best, want[2])
+        np.testing.assert_allclose(ent, want[0], rtol=1e-5, atol=2e-6)
+        np.testing.assert_allclose(total, want[1], rtol=1e-5)
+        np.testing.assert_allclose(probs, want[3], rtol=2e-5, atol=1e-9)
+        np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)
+        assert np.array_equal(np.array(host.argmax(mx.array(x), temp)), best)
+
+
+def test_host_argmax_first_of_ties_after_softcap():
+    from mlx_diffusiongemma import host
+
+    # 30 * tanh(x / 30) saturates to exactly 30 in float32 for x >~ 270: the three maxima tie after the
+    # softcap, and the reference's argmax (of the processed logits) takes the first, not the largest raw.
+    x = np.array([[[5.0, 400.0, 500.0, 600.0, -2.0], [1.0, 3.0, 2.0, 3.0, 0.0]]], dtype=np.float32)
+    assert np.array(host.argmax(mx.array(x), 0.5)).tolist() == [[1, 1]]
+    assert np.array(host.vocab_stats(mx.array(x), 0.5, mx.float32)[2]).tolist() == [[1, 1]]
+    assert _mlx_stats(x, 0.5)[2].tolist() == [[1, 1]]
+
+
+def test_host_bf16_rounding_and_self_conditioning():
+    from mlx_diffusiongemma import host
+
+    rng = np.random.default_rng(4)
+    x = (rng.standard_normal(4096) * 30).astype(np.float32)
+    # Exact halfway cases (ties to even both ways) and values that round up across a power of two.
+    halfway = np.array([1 + 2**-8, 1 + 3 * 2**-8, -(1 + 2**-8), 2 - 2**-9, 255.5], dtype=np.float32)
+    for v in (x, halfway):
+        want = np.array(mx.array(v).astype(mx.bfloat16).astype(mx.float32))
+        assert np.array_equal(host._round_bf16(v.copy()), want)
+    logits = (rng.standard_normal((1, 6, 211)) * 8).astype(np.float32)
+    want = _mlx_stats(logits, 0.6, mx.bfloat16)
+    got = [np.array(a) for a in host.vocab_stats(mx.array(logits), 0.6, mx.bfloat16)]
+    np.testing.assert_allclose(got[4], want[4], rtol=2e-5, atol=1e-9)
+    np.testing.assert_allclose(got[3], want[3], rtol=2e-5, atol=1e-9)
+
+
+def test_host_vocab_stats_do_not_depend_on_blocks_or_threads(monkeypatch):
+    from mlx_diffusiongemma import host
+
+    x = (np.random.default_rng(5).standard_normal((1, 37, 500)) * 6).astype(np.float32)
+    runs = []
+    for workers, block in ((1, 1 << 17), (2, 1000), (3, 2000), (2, 500)):
+        monkeypatch.setattr(host, "_workers", lambda w=workers: w)
+        monkeypatch.setattr(host, "_BLOCK", block)
+        runs.append([np.array(a) for a in host.vocab_stats(mx.array(x), 0.7, mx.float32)])
+        runs.append([np.array(host.argmax(mx.array(x), 0.7))])
+    for other in runs[2::2]:
+        assert all(np.array_equal(a, b) for a, b in zip(runs[0], other))
+    for other in runs[3::2]:
+        assert np.array_equal(runs[1][0], other[0])
