@@ -114,7 +114,8 @@ def denoise_canvas(model: Model, cache, drafter: DrafterConfig, noise: NoiseSour
         # Not a sync: the sampling runs while the caller takes the draft and the next pass's graph is built.
         mx.async_eval(x, argmax, sc, done)
         yield argmax, N - n + 1
-        if drafter.adaptive_stop and done.all().item():  # the one host sync a step needs
+        # The stop test's sync; on the CPU backend the host vocabulary pass also waits for each pass's logits.
+        if drafter.adaptive_stop and done.all().item():
             return
 
 

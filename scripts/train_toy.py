@@ -142,7 +142,8 @@ def train(model, tokenizer, *, iters: int, batch_size: int, lr: float, seed: int
     key = mx.random.key(seed)
     stream = batches(tokenizer, batch_size, seed, held_out_prompts(), tasks)
     recent: dict[str, list[float]] = {t: [] for t in TASKS}
-    tic, start = time.perf_counter(), time.perf_counter()
+    start = tic = time.perf_counter()
+    reported = 0
     for it in range(1, iters + 1):
         task, ids, plen = next(stream)
         key, sub = mx.random.split(key)
@@ -152,10 +153,10 @@ def train(model, tokenizer, *, iters: int, batch_size: int, lr: float, seed: int
         mx.eval(loss, diff, model.parameters(), opt.state)
         recent[task] = (recent[task] + [diff.item()])[-50:]
         if it % 100 == 0 or it == iters:
-            per_task = ", ".join(f"{t} {sum(v) / max(len(v), 1):.3f}" for t, v in recent.items())
-            log(f"iter {it}/{iters}: diffusion loss {per_task}; encoder {enc.item():.3f}; "
-                f"{100 / (time.perf_counter() - tic):.1f} it/s" if it % 100 == 0 else f"iter {it}")
-            tic = time.perf_counter()
+            per_task = ", ".join(f"{t} {sum(v) / len(v):.3f}" for t, v in recent.items() if v)
+            rate = (it - reported) / (time.perf_counter() - tic)
+            log(f"iter {it}/{iters}: diffusion loss {per_task}; encoder {enc.item():.3f}; {rate:.1f} it/s")
+            tic, reported = time.perf_counter(), it
     return {"iters": iters, "seconds": round(time.perf_counter() - start, 1),
             "final_diffusion_loss": {t: round(sum(v) / len(v), 4) if v else None for t, v in recent.items()}}
 
