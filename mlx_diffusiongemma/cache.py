@@ -25,6 +25,7 @@ class LayerCache:
         self.values: mx.array | None = None
         self.length = 0
         self.offset = 0
+        self._pending: tuple | None = None  # (state before a provisional append, its new K, V)
 
     def _write(self, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:
         n = k.shape[2]
@@ -43,6 +44,8 @@ class LayerCache:
 
     def append(self, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:
         """Store new encoder K/V; return `[retained ; new]` for this call's attention."""
+        if self._pending is not None:
+            self._pending = (self._pending[0], k, v)
         keys, values = self._write(k, v)
         self.offset += k.shape[2]
         self.length += k.shape[2]
@@ -52,6 +55,22 @@ class LayerCache:
             self.values = self.values[..., start : self.length, :]
             self.length = self.keep
         return keys, values
+
+    def provisional(self) -> None:
+        """Make the next `append` provisional: `settle(n)` then retains only its first n positions."""
+        self._pending = ((self.keys, self.values, self.length, self.offset), None, None)
+
+    def settle(self, n: int) -> None:
+        """Settle a provisional append as if only its first `n` positions had been encoded.
+
+        A sliding layer may already have evicted older positions to make room for the whole append, so the
+        state from before it is put back and the first n K/V appended again (a cheap copy of n positions).
+        """
+        (keys, values, length, offset), k, v = self._pending
+        self._pending = None
+        if n < k.shape[2]:
+            self.keys, self.values, self.length, self.offset = keys, values, length, offset
+            self.append(k[..., :n, :], v[..., :n, :])
 
     def with_canvas(self, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:
         """Return `[retained ; canvas]` for the decoder; the cache's contents stay as they were."""

@@ -101,6 +101,12 @@ def stats_lines(r, chat_turn: int | None = None) -> list[str]:
         f"{ms_per_step:.1f} ms per step, {r.tokens_per_forward:.2f} tokens per forward, drafter {r.drafter}, "
         f"seed {r.seed}, finish {r.finish_reason}",
     ]
+    if r.accepted_per_canvas:
+        accepted = "/".join(str(a) for a in r.accepted_per_canvas)
+        lines.append(
+            f"Verify: tokens accepted per canvas {accepted} ({r.accepted_per_verify:.2f} per verify), "
+            f"{r.model_passes} model passes ({r.total_steps} decoder, {r.encoder_passes} encoder)"
+        )
     if chat_turn is not None:
         lines.append(
             f"Chat: turn {chat_turn}, {r.prompt_tokens - r.prompt_cached} tokens encoded this turn, "

@@ -21,7 +21,7 @@ from .errors import DrafterConfigError
 PRESETS_PACKAGE = "mlx_diffusiongemma.drafter_configs"
 DEFAULT_PRESET = "reference"
 ACCEPTANCE_RULES = ("entropy_bound", "confidence")
-VERIFY_POLICIES = ("none",)
+VERIFY_POLICIES = ("none", "ar")
 
 # transformers' DiffusionGemmaGenerationConfig global defaults, used where the checkpoint leaves a value unset.
 REFERENCE_DEFAULTS: dict[str, Any] = {
@@ -55,6 +55,7 @@ class DrafterConfig:
     confidence_threshold: float
     adaptive_stop: bool
     verify: str
+    verify_min_prob: float | None = None
 
 
 class _Invalid(ValueError):
@@ -126,6 +127,7 @@ _SCHEMA: dict[str, tuple[Callable[[Any], Any], bool, Any]] = {
     "confidence_threshold": (_number("a number > 0", lambda v: v > 0), True, None),
     "adaptive_stop": (_boolean, False, True),
     "verify": (_choice(*VERIFY_POLICIES), False, "none"),
+    "verify_min_prob": (_number("a number in (0, 1]", lambda v: 0 < v <= 1), True, None),
 }
 # Fields a checkpoint's generation_config can supply (sampler_config.entropy_bound is flattened first).
 _INHERITED = tuple(REFERENCE_DEFAULTS)
@@ -294,6 +296,9 @@ def resolve_drafter(
             f"{source}: field 'canvas_length' must be null or the model's canvas_length {model_canvas_length} "
             f"(got {config['canvas_length']})"
         )
+    if config["verify_min_prob"] is not None and config["verify"] != "ar":
+        raise DrafterConfigError(f"{source}: field 'verify_min_prob' needs \"verify\": \"ar\" (got verify "
+                                 f"{config['verify']!r})")
     if config["acceptance"] is None:
         config["acceptance"] = DEFAULT_ACCEPTANCE
     if config["confidence_accept_threshold"] is None:

@@ -17,7 +17,7 @@ from typing import Any
 import mlx.core as mx
 from mlx_lm.generate import wired_limit
 
-from . import host, sampler
+from . import host, sampler, speculative
 from .cache import LayerCache, PromptCache
 from .drafter import DrafterConfig, resolve_drafter
 from .model import Model
@@ -29,20 +29,31 @@ PREFILL_STEP = 2048
 
 @dataclass
 class DenoiseEvent:
-    """What `denoise` yields: a draft after every step, and each committed canvas."""
+    """What `denoise` yields: each encoder pass, a draft after every decoder pass, and each committed canvas."""
 
-    kind: str  # "draft" | "commit"
-    tokens: mx.array  # draft: the current argmax canvas; commit: the committed canvas, pad after EOS
+    kind: str  # "encode" | "draft" | "commit"
+    # encode: the ids just written to the cache (the prompt, or a committed canvas); draft: the current argmax
+    # canvas; commit: the committed tokens ("none": the whole canvas, pad after EOS; "ar": the accepted ones)
+    tokens: mx.array
     canvas: int
     steps: int  # decoder passes so far in this canvas
     finished: mx.array | None = None  # commit: bool [B], rows that have emitted EOS
+    drafted: int = 0  # commit under "ar": canvas positions the verify pass checked
 
 
-def prefill(model: Model, ids: mx.array, cache: list[LayerCache], step: int = PREFILL_STEP) -> None:
-    """Encode `ids` [B, L] into `cache` in chunks, so long prompts never build one L x L attention."""
+def prefill(
+    model: Model, ids: mx.array, cache: list[LayerCache], step: int = PREFILL_STEP, logits: bool = False
+) -> mx.array | None:
+    """Encode `ids` [B, L] into `cache` in chunks, so long prompts never build one L x L attention.
+
+    With `logits` the causal LM's logits at the last position, `[B, 1, V]`, are returned.
+    """
+    out = None
     for start in range(0, ids.shape[1], step):
-        model.encode(ids[:, start : start + step], cache)
-        mx.eval([c.keys for c in cache] + [c.values for c in cache])
+        last = start + step >= ids.shape[1]
+        out = model.encode(ids[:, start : start + step], cache, logits="last" if logits and last else None)
+        mx.eval([c.keys for c in cache] + [c.values for c in cache] + ([] if out is None else [out]))
+    return out
 
 
 def _accept(drafter: DrafterConfig, ent: mx.array, total: mx.array) -> mx.array:
@@ -79,11 +90,20 @@ def vocab_passes():
     return (host.vocab_stats, host.argmax) if host.enabled() else (_mlx_vocab_stats, _mlx_argmax)
 
 
-def denoise_canvas(model: Model, cache, drafter: DrafterConfig, noise: NoiseSource, batch: int):
-    """Draft one canvas: yields `(argmax canvas, steps)` after every decoder pass; the last is committed."""
+def _pinned(canvas: mx.array, first: mx.array | None) -> mx.array:
+    return canvas if first is None else mx.concatenate([first[:, None], canvas[:, 1:]], axis=1)
+
+
+def denoise_canvas(model: Model, cache, drafter: DrafterConfig, noise: NoiseSource, batch: int,
+                   first: mx.array | None = None):
+    """Draft one canvas: yields `(argmax canvas, steps)` after every decoder pass; the last is committed.
+
+    `first` ([B] ids), when given, is known to open the canvas (the verifier's choice): it is held fixed in
+    every pass's input and output, like a position that is never noised.
+    """
     N, V, C = drafter.max_denoising_steps, model.args.vocab_size, drafter.canvas_length
     stats, best_of = vocab_passes()
-    x = noise.randint((batch, C), V)
+    x = _pinned(noise.randint((batch, C), V), first)
     sc, argmax, history = None, x, ()
     done = mx.zeros((batch,), dtype=mx.bool_)
     for n in range(N, 0, -1):
@@ -92,14 +112,15 @@ def denoise_canvas(model: Model, cache, drafter: DrafterConfig, noise: NoiseSour
         if n == 1:  # only the argmax of the last step is used (committed); its draws are still consumed
             noise.skip_categorical((batch, C))
             noise.randint((batch, C), V)
-            new_argmax = best_of(raw, temp)
+            new_argmax = _pinned(best_of(raw, temp), first)
             argmax = mx.where(done[:, None], argmax, new_argmax) if drafter.adaptive_stop else new_argmax
             mx.eval(argmax)
             yield argmax, N
             return
         ent, total, new_argmax, probs, new_sc = stats(raw, temp, model.dtype)
+        new_argmax = _pinned(new_argmax, first)
         sample = noise.categorical(probs)
-        x_new = sampler.renoise(sample, _accept(drafter, ent, total), noise.randint((batch, C), V))
+        x_new = _pinned(sampler.renoise(sample, _accept(drafter, ent, total), noise.randint((batch, C), V)), first)
         if drafter.adaptive_stop:
             if batch > 1 and n < N:
                 # Rows that already stopped keep their canvas, argmax and self-conditioning (reference 1.c.iv).
@@ -129,20 +150,33 @@ def denoise(
     pad_id: int | None,
     cache: list[LayerCache] | None = None,
     prefill_step: int = PREFILL_STEP,
+    max_tokens: int | None = None,
 ) -> Iterator[DenoiseEvent]:
-    """Prefill the prompt, then draft and commit up to `num_canvases` canvases (stops early on EOS).
+    """Prefill the prompt, then draft and commit canvases until EOS or the token budget.
 
-    Each committed canvas (the argmax of its last step, padded after EOS) is encoded at the start of the
-    next one, at the positions it was drafted at; the last canvas is never encoded, as in the reference.
+    `verify: "none"` commits up to `num_canvases` whole argmax canvases; each is encoded at the start of the
+    next one, at the positions it was drafted at, and the last is never encoded, as in the reference.
+    `verify: "ar"` hands each draft to `speculative.verify` and commits what the causal encoder accepts, until
+    `max_tokens` tokens are committed (without `max_tokens`: `num_canvases` drafts, or their length in tokens).
     """
     cache = model.make_cache() if cache is None else cache
+    if drafter.verify == "ar":
+        # Without a token budget, `num_canvases` drafts are verified (bench); with one, as many as it takes.
+        canvases = num_canvases if max_tokens is None else max_tokens
+        budget = num_canvases * drafter.canvas_length if max_tokens is None else max_tokens
+        yield from _denoise_verified(model, prompt_ids, drafter, noise, budget, canvases, eos_ids, cache,
+                                     prefill_step)
+        return
     batch = prompt_ids.shape[0]
     prefill(model, prompt_ids, cache, prefill_step)
+    yield DenoiseEvent("encode", prompt_ids, 0, 0)
     finished = mx.zeros((batch,), dtype=mx.bool_)
     committed = None
     for index in range(num_canvases):
         if committed is not None:
             model.encode(committed, cache)
+            mx.eval([c.keys for c in cache])
+            yield DenoiseEvent("encode", committed, index, 0)
         argmax, steps = None, 0
         for argmax, steps in denoise_canvas(model, cache, drafter, noise, batch):
             yield DenoiseEvent("draft", argmax, index, steps)
@@ -152,6 +186,33 @@ def denoise(
         yield DenoiseEvent("commit", committed, index, steps, finished)
         if finished.all().item():
             return
+
+
+def _denoise_verified(model, prompt_ids, drafter, noise, budget, canvases, eos_ids, cache, prefill_step):
+    """The speculative commit: draft a canvas opening with the encoder's next token, let the encoder verify it.
+
+    Every committed token is the causal encoder's greedy choice after the tokens before it, so the text is
+    the encoder's greedy decoding whatever the drafter does; a better draft only means more tokens per verify.
+    """
+    if prompt_ids.shape[0] != 1:
+        raise ValueError('verify "ar" generates one sequence at a time (batch of 1)')
+    logits = prefill(model, prompt_ids, cache, prefill_step, logits=True)
+    yield DenoiseEvent("encode", prompt_ids, 0, 0)
+    following = mx.argmax(logits[:, -1], axis=-1).astype(mx.int32)
+    done, index = 0, 0
+    while done < budget and index < canvases:
+        argmax, steps = None, 0
+        for argmax, steps in denoise_canvas(model, cache, drafter, noise, 1, first=following):
+            yield DenoiseEvent("draft", argmax, index, steps)
+        room = min(budget - done, drafter.canvas_length)
+        result = speculative.verify(model, cache, argmax[:, :room], following, eos_ids, drafter.verify_min_prob)
+        yield DenoiseEvent("encode", result.encoded, index, 0)
+        tokens = result.tokens
+        yield DenoiseEvent("commit", tokens, index, steps, mx.array([result.eos]), drafted=room)
+        done += tokens.shape[1]
+        if result.eos:
+            return
+        following, index = result.following, index + 1
 
 
 @dataclass
@@ -171,12 +232,23 @@ class GenerationResponse:
     generation_time: float = 0.0  # seconds since the prefill ended (denoising and commit passes)
     canvases: int = 0
     steps_per_canvas: list[int] = field(default_factory=list)
-    total_steps: int = 0
+    total_steps: int = 0  # decoder passes
+    encoder_passes: int = 0  # the prompt's prefill, then one per canvas committed into the cache
+    accepted_per_canvas: list[int] = field(default_factory=list)  # verify "ar": tokens each verify committed
     tokens_per_forward: float = 0.0
     peak_memory: float = 0.0
     finish_reason: str | None = None
     drafter: str = ""
     seed: int = 0
+
+    @property
+    def model_passes(self) -> int:
+        """Decoder plus encoder passes: the cost of the generation in forward passes of the model."""
+        return self.total_steps + self.encoder_passes
+
+    @property
+    def accepted_per_verify(self) -> float:
+        return sum(self.accepted_per_canvas) / max(len(self.accepted_per_canvas), 1)
 
 
 def prompt_to_ids(tokenizer, prompt, chat_template: bool = True, chat_template_kwargs=None) -> list[int]:
@@ -263,7 +335,7 @@ def stream_generate(
     tic = time.perf_counter()
     events = denoise(
         model, mx.array([ids[reused:]]), drafter, noise, math.ceil(max_tokens / drafter.canvas_length),
-        eos, _pad_id(model), cache=layers, prefill_step=prefill_step,
+        eos, _pad_id(model), cache=layers, prefill_step=prefill_step, max_tokens=max_tokens,
     )
 
     def finished(encoded: list[int]) -> None:
@@ -275,22 +347,28 @@ def stream_generate(
 
 def _responses(events, stats, tic, detok, eos, max_tokens, draft_preview, finished):
     """Turn loop events into responses: detokenise, cut at EOS or `max_tokens`, keep the statistics."""
-    gen_start, encoded, last_canvas = None, [], []
+    gen_start, encoded = None, []
     for event in events:
-        if gen_start is None:  # the first event comes after the prefill
-            gen_start = time.perf_counter()
-            stats.prompt_tps = (stats.prompt_tokens - stats.prompt_cached) / max(gen_start - tic, 1e-9)
         stats.canvas, stats.step = event.canvas, event.steps
+        if event.kind == "encode":
+            stats.encoder_passes += 1
+            if gen_start is None:  # the prompt's prefill
+                gen_start = time.perf_counter()
+                stats.prompt_tps = (stats.prompt_tokens - stats.prompt_cached) / max(gen_start - tic, 1e-9)
+            else:
+                encoded += event.tokens[0].tolist()
+            continue
         if event.kind == "draft":
             if draft_preview:
                 yield _snapshot(stats, draft=event.tokens[0].tolist())
             continue
-        encoded += last_canvas  # the loop encoded the previous canvas before drafting this one
-        last_canvas = event.tokens[0].tolist()
+        committed = event.tokens[0].tolist()
         stats.canvases += 1
         stats.steps_per_canvas.append(event.steps)
         stats.total_steps += event.steps
-        new, hit_eos = _new_tokens(last_canvas, eos, max_tokens - stats.generation_tokens)
+        if event.drafted:
+            stats.accepted_per_canvas.append(len(committed))
+        new, hit_eos = _new_tokens(committed, eos, max_tokens - stats.generation_tokens)
         for t in new:
             detok.add_token(t)
         stats.generation_tokens += len(new)
@@ -321,7 +399,8 @@ def _new_tokens(canvas: list[int], eos: Sequence[int], room: int) -> tuple[list[
 def _snapshot(stats: GenerationResponse, **changes) -> GenerationResponse:
     from dataclasses import replace
 
-    return replace(stats, steps_per_canvas=list(stats.steps_per_canvas), **changes)
+    lists = {"steps_per_canvas": list(stats.steps_per_canvas), "accepted_per_canvas": list(stats.accepted_per_canvas)}
+    return replace(stats, **lists, **changes)
 
 
 def generate(model: Model, tokenizer, prompt, **kwargs) -> str:

@@ -385,8 +385,13 @@ class Model(nn.Module):
             mask = mask & (k > q - self.args.sliding_window)
         return mask
 
-    def encode(self, input_ids: mx.array, cache: list[LayerCache]) -> None:
-        """Causal encoder over `[B, L]` new tokens: appends their K/V to `cache`, positions continuing."""
+    def encode(self, input_ids: mx.array, cache: list[LayerCache], *, logits: str | None = None) -> mx.array | None:
+        """Causal encoder over `[B, L]` new tokens: appends their K/V to `cache`, positions continuing.
+
+        The encoder's only product in the reference is the cache, so by default the last layer stops at its
+        K/V. `logits="all"` (or `"last"`) also runs the rest of the stack and returns the causal LM's
+        next-token logits `[B, L, V]` (or `[B, 1, V]`), fp32 and softcapped: position i predicts token i+1.
+        """
         x = self._embed(input_ids)  # the encoder input is not normalised, unlike the decoder's
         n = input_ids.shape[1]
         ropes = self._ropes(cache_offset(cache), n, x.dtype)
@@ -395,12 +400,18 @@ class Model(nn.Module):
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             t = self.args.layer_types[i]
-            if i == last:  # nothing reads the encoder's output, only its K/V: skip the last layer's rest
+            if i == last and logits is None:  # nothing reads the output, only the K/V: skip the rest
                 cache[i].append(*layer.self_attn.kv(layer.input_layernorm(x), ropes[t]))
-                break
+                return None
             if t not in masks:
                 masks[t] = self._encoder_mask(cache[i], n, t)
             x = layer(x, ropes[t], cache[i].append, masks[t], scalars[i].layer_scalar)
+        return softcap(self.lm_head(x[:, -1:] if logits == "last" else x))
+
+    def lm_head(self, x: mx.array) -> mx.array:
+        """Final norm and the tied LM head: fp32 logits before the softcap."""
+        dec = self.model.decoder
+        return dec.embed_tokens.as_linear(dec.norm(x)).astype(mx.float32)
 
     def soft_embedding(self, probs: mx.array, dtype) -> mx.array:
         """Expected input embedding under `probs` (rounded to the weight dtype first, as the reference does)."""
@@ -444,7 +455,7 @@ class Model(nn.Module):
         for i, layer in enumerate(self.layers):
             t = self.args.layer_types[i]
             x = layer(x, ropes[t], cache[i].with_canvas, None, layer.layer_scalar)
-        logits = dec.embed_tokens.as_linear(dec.norm(x)).astype(mx.float32)
+        logits = self.lm_head(x)
         return softcap(logits) if apply_softcap else logits
 
     @staticmethod

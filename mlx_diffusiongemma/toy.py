@@ -26,21 +26,31 @@ def held_out_prompts() -> set[str]:
     return {p for task in TASKS for p, _ in held_out(task, HELD_OUT_SIZE)}
 
 
-def solve(model, tokenizer, prompt: str, drafter="reference", seed: int = 0) -> tuple[str, int]:
-    """(the model's reply, decoder passes it took) for one task prompt."""
-    last = None
+def solve(model, tokenizer, prompt: str, drafter="reference", seed: int = 0):
+    """(the model's reply, the last `GenerationResponse` with its statistics) for one task prompt."""
+    last, pieces = None, []
     for last in stream_generate(model, tokenizer, prompt, max_tokens=model.args.canvas_length, drafter=drafter,
                                 seed=seed):
-        pass
-    text = "" if last is None else last.text
-    return text, sum(last.steps_per_canvas) if last else 0
+        pieces.append(last.text)
+    return "".join(pieces), last
 
 
 def evaluate(model, tokenizer, task: str, n: int = 500, drafter="reference", seed: int = 0) -> dict:
-    """Exact-answer accuracy and mean decoder passes per canvas over `n` held-out prompts of `task`."""
-    solved, steps = 0, 0
+    """Exact-answer accuracy and the mean cost per prompt over `n` held-out prompts of `task`.
+
+    `mean_steps` counts decoder passes; `mean_model_passes` adds the encoder's (prefill and commit or verify
+    passes); `passes_per_solved` is every model pass of the run over the prompts it solved.
+    """
+    solved, steps, passes, accepted, verifies = 0, 0, 0, 0, 0
     for i, (prompt, _) in enumerate(held_out(task, n)):
-        reply, used = solve(model, tokenizer, prompt, drafter, seed + i)
+        reply, last = solve(model, tokenizer, prompt, drafter, seed + i)
         solved += TASKS[task].check(prompt, reply)
-        steps += used
-    return {"task": task, "prompts": n, "accuracy": solved / n, "mean_steps": steps / n}
+        steps += last.total_steps
+        passes += last.model_passes
+        accepted += sum(last.accepted_per_canvas)
+        verifies += len(last.accepted_per_canvas)
+    return {
+        "task": task, "prompts": n, "accuracy": solved / n, "mean_steps": steps / n,
+        "mean_model_passes": passes / n, "passes_per_solved": passes / max(solved, 1),
+        "accepted_per_verify": accepted / verifies if verifies else None,
+    }

@@ -44,7 +44,8 @@ def test_different_seeds_draw_different_canvases(tiny):
     prompt = mx.array([[2, 105, 20, 30, 40]])
 
     def first_draft(seed):
-        return next(denoise(model, prompt, drafter, MLXNoise(seed), 1, [1], 0)).tokens.tolist()
+        events = denoise(model, prompt, drafter, MLXNoise(seed), 1, [1], 0)
+        return next(e for e in events if e.kind == "draft").tokens.tolist()
 
     assert first_draft(1) == first_draft(1)
     assert first_draft(1) != first_draft(2)
