@@ -7,6 +7,7 @@ The prompts are short chat turns in plain characters, since the toy tokenizer is
 
 from __future__ import annotations
 
+import functools
 import itertools
 import random
 from typing import Callable, NamedTuple
@@ -52,12 +53,17 @@ def _valid(grid: list[list[int]]) -> bool:
     return all(sorted(g) == [1, 2, 3, 4] for g in groups)
 
 
-def _all_grids() -> list[list[list[int]]]:
+@functools.cache
+def grids() -> list[list[list[int]]]:
+    """All 288 solved 4x4 sudokus, built on first use: it takes seconds, and only sudoku needs them."""
     rows = list(itertools.permutations((1, 2, 3, 4)))
     return [[list(r) for r in g] for g in itertools.product(rows, repeat=4) if _valid([list(r) for r in g])]
 
 
-GRIDS = _all_grids()  # all 288 solved 4x4 sudokus
+def __getattr__(name: str):
+    if name == "GRIDS":  # the old module constant, now lazy
+        return grids()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _render(grid) -> str:
@@ -75,12 +81,12 @@ def _parse(text: str) -> list[list[int]] | None:
 
 
 def _solutions(puzzle) -> list:
-    return [g for g in GRIDS if all(v in (0, g[r][c]) for r, row in enumerate(puzzle) for c, v in enumerate(row))]
+    return [g for g in grids() if all(v in (0, g[r][c]) for r, row in enumerate(puzzle) for c, v in enumerate(row))]
 
 
 def _sudoku(rng: random.Random) -> tuple[str, str]:
     """A puzzle with 4-10 blanks and exactly one solution."""
-    grid = rng.choice(GRIDS)
+    grid = rng.choice(grids())
     target = rng.randint(4, 10)
     puzzle = [row[:] for row in grid]
     cells = [(r, c) for r in range(4) for c in range(4)]

@@ -324,7 +324,7 @@ class _Tty(io.StringIO):
 
 
 class _Tokenizer:
-    pieces = {0: "<eos>", 1: " a", 2: " b", 3: "\n", 4: "\x1b[31m", 5: "é"}
+    pieces = {0: "<eos>", 1: " a", 2: " b", 3: "\n", 4: "\x1b[31m", 5: "é", 6: "<pad>"}
 
     def decode(self, ids):
         return "".join(self.pieces[i] for i in ids)
@@ -347,6 +347,31 @@ def test_live_view_marks_stable_tokens_and_erases_drafts(monkeypatch):
     committed = out.getvalue()
     assert committed.startswith("\r\x1b[K") and committed.endswith(" a b\nc␛[2J")  # draft erased, text safe
     assert view._tail == len("c␛[2J")
+
+
+def test_live_view_never_shows_hidden_tokens(monkeypatch):
+    monkeypatch.setenv("TERM", "xterm")
+    out = _Tty()
+    view = TerminalOutput(_Tokenizer(), out, eos_ids=[0], hidden_ids=[6])
+    view.draft([6, 1, 6, 6, 2, 0, 6], canvas=0, step=1)
+    assert re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", out.getvalue()).strip() == "[1:1]  a b"
+
+
+def test_toy_generate_prints_no_pad_and_builds_no_sudoku_grids():
+    """The issue's command: the toy pads this answer, and pad is no text. The toy's sudoku grids (seconds
+    to build) are made only when a sudoku needs them, not at every command's start."""
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "mlx_diffusiongemma", "generate", "--model", "toy",
+         "--prompt", "What is 17 * 23?", "--seed", "0"],
+        capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    imports = {line.split("|")[-1].strip(): int(line.split("|")[0].split(":")[1])
+               for line in result.stderr.splitlines() if line.startswith("import time:") and "|" in line
+               and line.split("|")[0].split(":")[1].strip().isdigit()}
+    assert imports.get("mlx_diffusiongemma.tasks", 0) < 200_000, imports.get("mlx_diffusiongemma.tasks")  # µs
+    assert "<pad>" not in result.stdout and result.stdout.strip() == ""
+    assert re.search(r"^Generation: 0 tokens", result.stderr, re.M), result.stderr[-500:]
 
 
 def test_live_view_status_line_below_text_returns_cursor(monkeypatch):
