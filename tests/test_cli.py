@@ -184,6 +184,30 @@ def test_error_option_conflicts_and_usage(tiny_ckpt):
     assert usage.returncode == 2 and "Traceback" not in usage.stderr and "--no-such-flag" in usage.stderr
 
 
+def test_first_run_without_the_model_says_why_how_big_and_what_works_offline(tmp_path):
+    """`chat` with an empty Hugging Face cache: offline, and with the Hub unreachable (a refused port)."""
+    base = [*CLI, "chat"]
+    runs = {
+        "offline": dict(HF_HUB_OFFLINE="1"),
+        "unreachable": dict(HF_HUB_OFFLINE="0", HF_ENDPOINT="http://127.0.0.1:9"),
+    }
+    procs = {
+        name: subprocess.Popen(base, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, cwd=ROOT, env=_env(HF_HUB_CACHE=str(tmp_path / name), **extra))
+        for name, extra in runs.items()
+    }
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=300)
+        result = subprocess.CompletedProcess(base, proc.returncode, out, err)
+        _assert_one_line_error(result, "mlx-community/diffusiongemma-26B-A4B-it-4bit is not in the Hugging Face cache",
+                               "about 16 GB", "24 GB of memory", "--model toy", "mlx-diffusiongemma demo",
+                               "work offline")
+        if name == "offline":
+            assert "HF_HUB_OFFLINE=1 forbids downloading" in err and "check the network" not in err
+        else:
+            assert "Hub cannot be reached" in err and "HF_HUB_OFFLINE" not in err
+
+
 # --- help ------------------------------------------------------------------------------------------------
 
 FLAGS = {
