@@ -15,6 +15,10 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Plain click help: paragraphs re-wrapped to the terminal (not the source's line breaks), flags without a
+    # type column; 100 columns keeps the long defaults (the repo id) on one line.
+    rich_markup_mode=None,
+    context_settings={"max_content_width": 100},
 )
 _DEBUG = "--debug" in sys.argv
 

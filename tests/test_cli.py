@@ -243,9 +243,32 @@ def test_help_lists_flags_with_defaults_fast(command):
     for flag in FLAGS[command]:
         assert flag in result.stdout, (flag, result.stdout)
     if command in (("generate",), ("chat",)):
-        assert "max_new_tokens" in result.stdout and "[default: reference]" in result.stdout
-        assert "default: none" in result.stdout and "[default: live]" in result.stdout
+        words = " ".join(result.stdout.split())  # help is wrapped to the terminal
+        assert "max_new_tokens" in words and "[default: reference]" in words
+        assert "default: none" in words and "[default: live]" in words
     assert best < 1.0, f"{' '.join(command)} --help took {best:.2f} s"
+    assert "<bool>" not in result.stdout  # a flag takes no value
+    assert not _kept_source_breaks(result.stdout, command)
+
+
+def _kept_source_breaks(text: str, command: tuple) -> list[str]:
+    """Line breaks of the command's docstring and option help strings that the help text kept although the
+    next word fits on the line (help is re-wrapped to 100 columns here: COLUMNS=200, max_content_width)."""
+    import typer.main
+
+    from mlx_diffusiongemma.cli import app
+
+    cmd = typer.main.get_command(app)
+    cmd = cmd.commands[command[0]] if command else cmd
+    sources = [cmd.help or ""] + [p.help or "" for p in cmd.params]
+    lines = [line.rstrip() for line in text.splitlines()]
+    kept = []
+    for source in sources:
+        for before, after in re.findall(r"(\S+)[ \t]*\n[ \t]*(\S+)", source):
+            for line, following in zip(lines, lines[1:]):
+                if line.endswith(before) and following.lstrip().startswith(after) and len(line) + len(after) < 100:
+                    kept.append(f"{before} / {after}")
+    return kept
 
 
 def test_help_imports_no_heavy_modules():
