@@ -208,6 +208,20 @@ def test_first_run_without_the_model_says_why_how_big_and_what_works_offline(tmp
             assert "Hub cannot be reached" in err and "HF_HUB_OFFLINE" not in err
 
 
+def test_info_prints_plain_values_context_and_quantization(tmp_path):
+    from mlx_diffusiongemma.convert import convert
+
+    convert("toy", tmp_path / "toy-q", quantize=True)
+    plain, quantized = _cli_many(("info", "--model", "toy"), ("info", "--model", tmp_path / "toy-q"))
+    for result in (plain, quantized):
+        assert result.returncode == 0, result.stderr
+        assert "context 256" in result.stdout and "dtype float32" in result.stdout
+        assert "eos [1, 106]" in result.stdout and "mlx.core" not in result.stdout
+    assert "not quantized" in plain.stdout
+    assert re.search(r"quantized 4-bit affine group 64 \(\d+ modules?\), 8-bit affine group 64 \(\d+ modules?\)",
+                     quantized.stdout), quantized.stdout
+
+
 # --- help ------------------------------------------------------------------------------------------------
 
 FLAGS = {
