@@ -108,7 +108,8 @@ class BenchResult:
     ms_per_commit: float
     ms_per_canvas: float
     decode_tps: float
-    steps: int
+    steps_per_canvas: float  # decoder passes per canvas (mean over the run's canvases)
+    decoder_passes: int  # in the whole run: canvases x steps per canvas
     peak_memory_gb: float
 
 
@@ -143,7 +144,8 @@ def run_once(model: Model, drafter, prompt_tokens: int, canvases: int, seed: int
         ms_per_commit=1000 * statistics.median(commit_s) if commit_s else float("nan"),
         ms_per_canvas=1000 * statistics.median(canvas_s),
         decode_tps=C / statistics.median(canvas_s),
-        steps=len(step_s),
+        steps_per_canvas=len(step_s) / canvases,
+        decoder_passes=len(step_s),
         peak_memory_gb=mx.get_peak_memory() / 1e9,
     )
 
@@ -206,8 +208,9 @@ def bench(
     run_once(model, config, prompt_tokens, 1, seed=0)  # warm-up: compilation and allocation
     results = [run_once(model, config, prompt_tokens, canvases, seed=i) for i in range(repeat)]
     summary = summarize(results)
-    label += f", {prompt_tokens}-token prompt, {canvases} canvases x {results[0].steps // canvases} steps, " \
-             f"drafter {config.name}, {mx.default_device()}"
+    label += f", {prompt_tokens}-token prompt, {canvases} canvases x {summary['steps_per_canvas']['median']:g} " \
+             f"steps, drafter {config.name}, {mx.default_device()}"
     if as_json:
-        return json.dumps({"label": label, **summary}, indent=2)
+        return json.dumps({"label": label, "prompt_tokens": prompt_tokens, "canvases_per_run": canvases,
+                           **summary}, indent=2)
     return format_report(summary, label)
