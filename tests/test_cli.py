@@ -341,6 +341,22 @@ def test_chat_context_overflow_keeps_session(short_ctx_ckpt):
     assert _chat_turns(result.stderr)[-1][0] == 1  # after /reset the session works again
 
 
+def test_chat_max_tokens_beyond_the_context_is_refused_when_set(short_ctx_ckpt):
+    script = "/max-tokens 9999\n/max-tokens 0\n/max-tokens\nhi\n"
+    session, flag = _cli_many(
+        ("chat", "--model", short_ctx_ckpt, "--max-tokens", 16, "--seed", 0, "--verbose"),
+        ("chat", "--model", short_ctx_ckpt, "--max-tokens", 9999),
+        stdin=script,
+    )
+    assert session.returncode == 0, session.stderr
+    assert re.search(r"^error: /max-tokens 9999 needs \d+ canvases of \d+ after the conversation's \d+ tokens, "
+                     r"more than the model's context of 64; at most \d+ fits now$", session.stderr, re.M), session.stderr
+    assert "error: /max-tokens takes a positive whole number (got '0')" in session.stderr
+    assert "max tokens per reply: 9999" not in session.stderr and "max tokens per reply: 16" in session.stderr
+    assert _chat_turns(session.stderr)[-1][0] == 1 and session.stdout.strip()  # the message was answered
+    _assert_one_line_error(flag, "--max-tokens 9999", "context of 64")
+
+
 def test_prompt_cache_checkpoint_restores_an_interrupted_turn(tiny_ckpt):
     import mlx.core as mx
 
