@@ -55,9 +55,29 @@ def _valid(grid: list[list[int]]) -> bool:
 
 @functools.cache
 def grids() -> list[list[list[int]]]:
-    """All 288 solved 4x4 sudokus, built on first use: it takes seconds, and only sudoku needs them."""
+    """All 288 solved 4x4 sudokus, built on first use (only sudoku needs them), in the order of the product
+    of row permutations: rows that clash with the rows above are pruned instead of tried 24^4 times."""
     rows = list(itertools.permutations((1, 2, 3, 4)))
-    return [[list(r) for r in g] for g in itertools.product(rows, repeat=4) if _valid([list(r) for r in g])]
+    out: list[list[list[int]]] = []
+
+    def extend(above: list[tuple[int, ...]]) -> None:
+        if len(above) == 4:
+            if _valid([list(r) for r in above]):
+                out.append([list(r) for r in above])
+            return
+        for row in rows:
+            if all(row[c] != r[c] for r in above for c in range(4)):
+                extend([*above, row])
+
+    extend([])
+    return out
+
+
+@functools.cache
+def _grid_array():
+    import numpy as np
+
+    return np.array(grids()).reshape(len(grids()), 16)
 
 
 def __getattr__(name: str):
@@ -81,7 +101,13 @@ def _parse(text: str) -> list[list[int]] | None:
 
 
 def _solutions(puzzle) -> list:
-    return [g for g in grids() if all(v in (0, g[r][c]) for r, row in enumerate(puzzle) for c, v in enumerate(row))]
+    """The solved grids that keep the puzzle's clues, in `grids()` order (one vectorised pass)."""
+    import numpy as np
+
+    flat = np.array(puzzle).reshape(16)
+    clues = np.nonzero(flat)[0]
+    keep = (_grid_array()[:, clues] == flat[clues]).all(axis=1)
+    return [grids()[i] for i in np.nonzero(keep)[0]]
 
 
 def _sudoku(rng: random.Random) -> tuple[str, str]:
