@@ -237,7 +237,8 @@ def run_block(block: Block, stand_ins: dict[str, Path]) -> list[tuple[str, float
         runs = []
         for command in commands(block):
             line, applied = _as_run(command, work)
-            runs.append((None if line is None else ["bash", "-o", "pipefail", "-c", line], f"{command}  {applied}"))
+            label = command + (f"  [{'; '.join(applied)}]" if applied else "")
+            runs.append((None if line is None else ["bash", "-o", "pipefail", "-c", line], label))
     out = []
     for argv, label in runs:
         if argv is None:
