@@ -16,8 +16,7 @@ HIDDEN_ROLES = ("pad_token", "bos_token", "unk_token", "mask_token")
 
 def hidden_token_ids(model, tokenizer) -> frozenset[int]:
     """The ids of the tokenizer's pad, bos, unk and mask tokens, and the model's own pad id."""
-    inner = getattr(tokenizer, "_tokenizer", tokenizer)  # mlx-lm's wrapper holds the transformers tokenizer
-    ids = {getattr(inner, f"{role}_id", None) for role in HIDDEN_ROLES}
+    ids = {getattr(tokenizer, f"{role}_id", None) for role in HIDDEN_ROLES}  # mlx-lm's wrapper forwards these
     generation = getattr(model, "generation_config", None) or {}
     pad = generation.get("pad_token_id")
     ids.add(model.args.pad_token_id if pad is None else pad)
