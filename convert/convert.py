@@ -532,7 +532,7 @@ def convert(
     _check_options(dtype, quantize, q_bits, q_group_size, q_mode, q_recipe)
     dst = Path(mlx_path).expanduser().absolute()
     if dst.exists() and not force:
-        raise CheckpointError(f"{dst} already exists; pass --force (force=True) to replace it")
+        raise CheckpointError(f"{dst} already exists; pass --force to replace it, or choose another --mlx-path")
     src = resolve_path(hf_path)
     if dst.exists() and (dst.resolve() == src.resolve() or dst.resolve() in src.resolve().parents):
         raise CheckpointError(f"{dst} holds the source checkpoint; choose another output folder")

@@ -109,8 +109,9 @@ class BenchResult:
     ms_per_commit: float
     ms_per_canvas: float
     decode_tps: float
-    steps: int
-    tokens_per_canvas: float
+    steps_per_canvas: float  # decoder passes per canvas (mean over the run's canvases)
+    decoder_passes: int  # in the whole run: canvases x steps per canvas
+    tokens_per_canvas: float  # committed tokens per canvas (verify "ar": what each verify accepted)
     peak_memory_gb: float
 
 
@@ -141,7 +142,8 @@ def run_once(model: Model, drafter, prompt_tokens: int, canvases: int, seed: int
         ms_per_commit=1000 * statistics.median(commit_s) if commit_s else float("nan"),
         ms_per_canvas=1000 * statistics.median(times["commit"]),
         decode_tps=committed / sum(times["commit"]),
-        steps=len(times["draft"]),
+        steps_per_canvas=len(times["draft"]) / len(times["commit"]),
+        decoder_passes=len(times["draft"]),
         tokens_per_canvas=committed / len(times["commit"]),
         peak_memory_gb=mx.get_peak_memory() / 1e9,
     )
@@ -206,8 +208,9 @@ def bench(
     run_once(model, config, prompt_tokens, 1, seed=0)  # warm-up: compilation and allocation
     results = [run_once(model, config, prompt_tokens, canvases, seed=i) for i in range(repeat)]
     summary = summarize(results)
-    label += f", {prompt_tokens}-token prompt, {canvases} canvases x {results[0].steps // canvases} steps, " \
-             f"drafter {config.name}, {mx.default_device()}"
+    label += f", {prompt_tokens}-token prompt, {canvases} canvases x {summary['steps_per_canvas']['median']:g} " \
+             f"steps, drafter {config.name}, {mx.default_device()}"
     if as_json:
-        return json.dumps({"label": label, **summary}, indent=2)
+        return json.dumps({"label": label, "prompt_tokens": prompt_tokens, "canvases_per_run": canvases,
+                           **summary}, indent=2)
     return format_report(summary, label)

@@ -13,6 +13,7 @@ Ctrl-C or Ctrl-D at the prompt ends the session (exit status 0).
 
 from __future__ import annotations
 
+import math
 import sys
 
 from .console import check_context, make_output, parse_template_config, print_stats, reply_length, stream_reply
@@ -50,9 +51,12 @@ def run_chat(
 
     m, tokenizer = load(model, dtype=dtype, adapter_path=adapter_path)
     config = resolve_drafter(drafter, getattr(m, "generation_config", None), m.args.canvas_length)
+    opening = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    if max_tokens is not None:  # refused now, not at every message
+        first = prompt_to_ids(tokenizer, [*opening, {"role": "user", "content": ""}], True, template_kwargs)
+        _reply_length(str(max_tokens), len(first), m.args.max_position_embeddings, config.canvas_length, "--max-tokens")
     max_tokens = reply_length(m, max_tokens)
     out = make_output(m, tokenizer, live)
-    opening = [{"role": "system", "content": system_prompt}] if system_prompt else []
     history = list(opening)
     cache = PromptCache()
     noise = None if seed is None else MLXNoise(seed)  # one random stream for the session: reproducible
@@ -85,12 +89,12 @@ def run_chat(
             elif command == "/max-tokens":
                 if arg.strip():
                     try:
-                        value = int(arg)
-                        if value < 1:
-                            raise ValueError
-                        max_tokens = value
-                    except ValueError:
-                        _note(f"error: /max-tokens takes a positive whole number (got {arg.strip()!r})")
+                        prompt = prompt_to_ids(tokenizer, [*history, {"role": "user", "content": ""}], True,
+                                               template_kwargs)
+                        max_tokens = _reply_length(arg.strip(), len(prompt), m.args.max_position_embeddings,
+                                                   config.canvas_length)
+                    except UsageError as e:
+                        _note(f"error: {e}")
                         continue
                 _note(f"max tokens per reply: {max_tokens}")
             else:
@@ -122,6 +126,25 @@ def run_chat(
         history.append({"role": "assistant", "content": reply})
         if verbose and last is not None:
             print_stats(last, chat_turn=turn)
+
+
+def _reply_length(arg: str, prompt_tokens: int, context: int, canvas: int, name: str = "/max-tokens") -> int:
+    """`/max-tokens ARG`, checked now rather than refused at every message: a positive whole number whose
+    canvases fit in the context after the conversation so far (`prompt_tokens`, an empty next message included)."""
+    try:
+        value = int(arg)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise UsageError(f"{name} takes a positive whole number (got {arg!r})")
+    fits = (context - prompt_tokens) // canvas * canvas
+    if math.ceil(value / canvas) * canvas > fits:
+        room = f"at most {fits} fits now" if fits > 0 else "/reset starts a new conversation"
+        raise UsageError(
+            f"{name} {value} needs {math.ceil(value / canvas)} canvases of {canvas} after the conversation's "
+            f"{prompt_tokens} tokens, more than the model's context of {context}; {room}"
+        )
+    return value
 
 
 def _read_line() -> str | None:

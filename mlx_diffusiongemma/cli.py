@@ -15,6 +15,10 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Plain click help: paragraphs re-wrapped to the terminal (not the source's line breaks), flags without a
+    # type column; 100 columns keeps the long defaults (the repo id) on one line.
+    rich_markup_mode=None,
+    context_settings={"max_content_width": 100},
 )
 _DEBUG = "--debug" in sys.argv
 
@@ -40,7 +44,7 @@ def info(
     model: str = typer.Option(..., "--model", "-m", help="Checkpoint folder or Hugging Face repo id."),
     dtype: Optional[str] = typer.Option(None, help="float32, bfloat16 or float16 (default: the checkpoint's)."),
 ):
-    """Load a checkpoint and print its geometry, dtype and size (checks that it is complete)."""
+    """Load a checkpoint and print its geometry, context, dtype, quantization and size (checks it is complete)."""
     from mlx.utils import tree_flatten
 
     from .loader import load
@@ -51,8 +55,24 @@ def info(
     typer.echo(
         f"layers {a.num_hidden_layers} ({a.layer_types.count('full_attention')} full), hidden {a.hidden_size}, "
         f"experts {a.num_experts} top-{a.top_k_experts}, vocab {a.vocab_size}, canvas {a.canvas_length}, "
-        f"dtype {m.model.decoder.norm.weight.dtype}, stored elements {params:,}, eos {tokenizer.eos_token_ids}"
+        f"context {a.max_position_embeddings}, dtype {str(m.model.decoder.norm.weight.dtype).split('.')[-1]}, "
+        f"{_quantization(m)}, stored elements {params:,}, eos {sorted(tokenizer.eos_token_ids)}"
     )
+
+
+def _quantization(model) -> str:
+    """What the loaded modules hold: "not quantized", or each (bits, group size, mode) with its module count."""
+    from collections import Counter
+
+    kinds = Counter(
+        (m.bits, m.group_size, getattr(m, "mode", "affine"))
+        for _, m in model.named_modules() if hasattr(m, "bits") and hasattr(m, "group_size")
+    )
+    if not kinds:
+        return "not quantized"
+    parts = [f"{bits}-bit {mode} group {group} ({n} module{'s' * (n > 1)})"
+             for (bits, group, mode), n in sorted(kinds.items())]
+    return "quantized " + ", ".join(parts)
 
 
 DEFAULT_MODEL = "mlx-community/diffusiongemma-26B-A4B-it-4bit"

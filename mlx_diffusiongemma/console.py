@@ -60,8 +60,10 @@ def reply_length(model, max_tokens: int | None) -> int:
 
 def make_output(model, tokenizer, live: bool, stream=None) -> TerminalOutput:
     from .generate import _eos_ids
+    from .hidden import hidden_token_ids
 
-    return TerminalOutput(tokenizer, stream, live=live, eos_ids=_eos_ids(model, tokenizer))
+    return TerminalOutput(tokenizer, stream, live=live, eos_ids=_eos_ids(model, tokenizer),
+                          hidden_ids=hidden_token_ids(model, tokenizer))
 
 
 def stream_reply(model, tokenizer, ids: list[int], out: TerminalOutput, *, max_tokens: int, drafter, seed=None,

@@ -20,6 +20,7 @@ from mlx_lm.generate import wired_limit
 from . import host, sampler, speculative
 from .cache import LayerCache, PromptCache
 from .drafter import DrafterConfig, resolve_drafter
+from .hidden import hidden_token_ids, visible
 from .model import Model
 from .noise import MLXNoise, NoiseSource
 from .parallel import per_position
@@ -342,10 +343,11 @@ def stream_generate(
         prompt_cache.layers, prompt_cache.tokens = layers, ids + encoded
 
     with wired_limit(model):  # Metal: keep the weights resident; a no-op elsewhere
-        yield from _responses(events, stats, tic, detok, eos, max_tokens, draft_preview, finished)
+        yield from _responses(events, stats, tic, detok, eos, max_tokens, draft_preview, finished,
+                              hidden_token_ids(model, tokenizer))
 
 
-def _responses(events, stats, tic, detok, eos, max_tokens, draft_preview, finished):
+def _responses(events, stats, tic, detok, eos, max_tokens, draft_preview, finished, hidden=frozenset()):
     """Turn loop events into responses: detokenise, cut at EOS or `max_tokens`, keep the statistics."""
     gen_start, encoded = None, []
     for event in events:
@@ -368,7 +370,7 @@ def _responses(events, stats, tic, detok, eos, max_tokens, draft_preview, finish
         stats.total_steps += event.steps
         if event.drafted:
             stats.accepted_per_canvas.append(len(committed))
-        new, hit_eos = _new_tokens(committed, eos, max_tokens - stats.generation_tokens)
+        new, hit_eos = _new_tokens(committed, eos, max_tokens - stats.generation_tokens, hidden)
         for t in new:
             detok.add_token(t)
         stats.generation_tokens += len(new)
@@ -389,11 +391,14 @@ def _responses(events, stats, tic, detok, eos, max_tokens, draft_preview, finish
     yield _snapshot(stats, text=detok.last_segment)
 
 
-def _new_tokens(canvas: list[int], eos: Sequence[int], room: int) -> tuple[list[int], bool]:
+def _new_tokens(canvas: list[int], eos: Sequence[int], room: int, hidden=frozenset()) -> tuple[list[int], bool]:
+    """The canvas's text tokens up to its first EOS, without hidden ones (pad...), at most `room` of them;
+    and whether the EOS was reached within `room`."""
     for i, t in enumerate(canvas):
         if t in eos:
-            return canvas[: min(i, room)], i <= room
-    return canvas[:room], False
+            new = visible(canvas[:i], hidden)
+            return new[:room], len(new) <= room
+    return visible(canvas, hidden)[:room], False
 
 
 def _snapshot(stats: GenerationResponse, **changes) -> GenerationResponse:

@@ -39,15 +39,9 @@ def resolve_path(path_or_repo: str | Path) -> Path:
     name = str(path_or_repo)
     if name.startswith((".", "/", "~")) or name.count("/") != 1:
         raise CheckpointError(f"no such folder: {name} (pass a checkpoint folder or a Hub repo id like org/name)")
-    from huggingface_hub import snapshot_download
+    from .hub import download
 
-    try:
-        return Path(snapshot_download(name, allow_patterns=ALLOW_PATTERNS))
-    except Exception as e:  # network, auth, missing repo, offline cache miss: all end the same way
-        raise CheckpointError(
-            f"could not get {name} from the Hugging Face Hub ({type(e).__name__}); check the network "
-            "and the repo id, or pass a local folder"
-        ) from None
+    return download(name, ALLOW_PATTERNS)
 
 
 def _read_json(path: Path) -> dict:

@@ -24,7 +24,10 @@ def test_bench_random_tiny_json():
     for name in ("prefill_tps", "ms_per_step", "ms_per_commit", "ms_per_canvas", "decode_tps"):
         assert report[name]["min"] <= report[name]["median"] <= report[name]["max"]
         assert report[name]["median"] > 0
-    assert report["steps"]["median"] == 6  # 2 canvases x 3 fixed steps: adaptive stop is off
+    # 2 canvases x 3 fixed steps (adaptive stop is off), each figure named for what it counts.
+    assert "steps" not in report and report["canvases_per_run"] == 2 and report["prompt_tokens"] == 40
+    assert report["steps_per_canvas"] == {"median": 3, "min": 3, "max": 3}
+    assert report["decoder_passes"]["median"] == 6 and "2 canvases x 3 steps" in report["label"]
 
 
 def test_full_geometry_estimate_and_refusal():

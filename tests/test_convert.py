@@ -433,6 +433,7 @@ def test_output_exists(source, tmp_path):
     with pytest.raises(CheckpointError, match="already exists") as e:
         convert(source, out)
     assert "\n" not in str(e.value) and (out / "keep.txt").exists()
+    assert "pass --force to replace it" in str(e.value) and "force=True" not in str(e.value)  # CLI terms
     convert(source, out, force=True)
     assert not (out / "keep.txt").exists() and (out / "config.json").exists()
     assert _leftovers(tmp_path) == []
