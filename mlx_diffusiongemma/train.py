@@ -31,8 +31,10 @@ its source; where the description is silent, the choice below is ours and says s
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -270,6 +272,9 @@ def train(
         optimizer.update(model, grads)
         mx.eval(loss, model.trainable_parameters(), optimizer.state)
         history.append(loss.item())
+        if not math.isfinite(history[-1]):  # the weights are already ruined: stop before any save
+            raise UsageError(f"training stopped at iteration {it}: the loss is {history[-1]} (lower "
+                             "--learning-rate); these weights were not saved")
         elapsed += time.perf_counter() - tic
         tokens += sum(len(ids) for ids, _ in batch)
         if it % report_every == 0 or it == iters:
@@ -285,10 +290,13 @@ def train(
 # --- the finetune command -----------------------------------------------------------------------------------
 
 
-def _check_options(full, resume, adapter_path, save_path, lora_rank, lora_scale, lora_experts, counts) -> None:
+def _check_options(full, resume, adapter_path, save_path, lora_rank, lora_scale, lora_experts, counts,
+                   learning_rate) -> None:
     for name, value in counts.items():
         if value is not None and value < 1:
             raise UsageError(f"{name} must be at least 1 (got {value})")
+    if not math.isfinite(learning_rate) or learning_rate <= 0:
+        raise UsageError(f"--learning-rate must be a positive number (got {learning_rate})")
     if full:
         given = [("--resume", resume), ("--adapter-path", adapter_path), ("--lora-rank", lora_rank),
                  ("--lora-scale", lora_scale), ("--lora-experts", lora_experts)]
@@ -302,6 +310,21 @@ def _check_options(full, resume, adapter_path, save_path, lora_rank, lora_scale,
             raise UsageError(f"{save_path} already exists; choose a new --save-path")
     elif save_path is not None:
         raise UsageError("--save-path is for --full; LoRA adapters go to --adapter-path (`fuse` merges them)")
+    if full:
+        _check_writable(Path(save_path).expanduser().absolute(), "--save-path")
+    else:
+        _check_writable(Path(adapter_path or "adapters").expanduser().absolute(), "--adapter-path")
+
+
+def _check_writable(path: Path, flag: str) -> None:
+    """Refuse before loading and training, not after, an output folder that cannot be made or written."""
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UsageError(f"{flag} {path} cannot be written: {probe} is a file; choose another folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {path} cannot be written: {probe} is not writable; choose another folder")
 
 
 def _resume_config(path: Path, rank: int | None, scale: float | None, experts: bool) -> dict:
@@ -342,7 +365,9 @@ def _trainer(model, source: Path, *, full, resume, adapter_path, save_path, lora
                              "or an unquantized checkpoint")
         model.unfreeze()
         config, out = load_config(source)[0], Path(save_path).expanduser()
-        return "every weight", lambda it=None: save_checkpoint(model, source, out, config), out
+        saved = []  # the first save makes the folder (refused if it appeared meanwhile), later ones replace it
+        return "every weight", lambda it=None: saved.append(save_checkpoint(model, source, out, config,
+                                                                            replace=bool(saved))), out
     out = Path(adapter_path or "adapters")
     if resume:
         config = load_adapters(model, out)
@@ -361,6 +386,25 @@ def _trainer(model, source: Path, *, full, resume, adapter_path, save_path, lora
     return what, save, out
 
 
+def _holding_save_path(run):
+    """With --full, hold the --save-path lock for the whole run, so a concurrent run to it refuses at once and
+    not after training; SIGTERM then ends the run as Ctrl-C does, and nothing of it is left behind."""
+
+    @functools.wraps(run)
+    def wrapper(*args, full: bool = False, save_path: str | None = None, **kwargs):
+        if not (full and save_path):
+            return run(*args, full=full, save_path=save_path, **kwargs)
+        from .folders import target_lock, terminate_as_interrupt
+
+        path = Path(save_path).expanduser().absolute()
+        _check_writable(path, "--save-path")  # before the lock makes its parent folders
+        with terminate_as_interrupt(), target_lock(path):
+            return run(*args, full=full, save_path=save_path, **kwargs)
+
+    return wrapper
+
+
+@_holding_save_path
 def run_finetune(
     model_path: str, data: str, *, lora_rank: int | None = None, lora_scale: float | None = None,
     lora_experts: bool = False, full: bool = False, iters: int = 100, batch_size: int = 1,
@@ -374,7 +418,8 @@ def run_finetune(
 
     counts = {"--iters": iters, "--batch-size": batch_size, "--lora-rank": lora_rank, "--val-every": val_every,
               "--steps-per-report": report_every}
-    _check_options(full, resume, adapter_path, save_path, lora_rank, lora_scale, lora_experts, counts)
+    _check_options(full, resume, adapter_path, save_path, lora_rank, lora_scale, lora_experts, counts,
+                   learning_rate)
     if resume:
         _resume_config(Path(adapter_path or "adapters"), lora_rank, lora_scale, lora_experts)
     records = read_jsonl(data)
