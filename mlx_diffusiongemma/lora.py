@@ -117,7 +117,10 @@ def _check_adapter_config(config, file: Path) -> dict:
     """The adapter config, if every field `load_adapters` uses is valid; else one line naming the field."""
     if not isinstance(config, dict):
         raise CheckpointError(f"{file} must hold a JSON object; re-create the adapters with finetune")
-    rank, scale, modules = config.get("rank"), config.get("scale", DEFAULT_SCALE), config.get("modules", TARGETS)
+    missing = [key for key in ("rank", "scale") if key not in config]
+    if missing:
+        raise CheckpointError(f"{file} has no {missing[0]!r}; re-create the adapters with finetune")
+    rank, scale, modules = config["rank"], config["scale"], config.get("modules", TARGETS)
     if type(rank) is not int or rank < 1:
         raise CheckpointError(f"{file}: 'rank' must be a whole number >= 1 (got {rank!r}); fix it or re-train")
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):

@@ -47,6 +47,7 @@ from mlx.utils import tree_flatten
 
 from .errors import UsageError
 from .model import SLIDING, Model, softcap
+from .noise import check_seed
 
 EPS = 1e-3
 
@@ -173,14 +174,17 @@ def read_jsonl(path: str | Path) -> list[tuple[int, list[dict]]]:
     """`(line number, chat messages)` of every record of a JSONL file (blank lines skipped); errors name the line."""
     path = Path(path)
     records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+    with open(path, "rb") as f:  # bytes, decoded per line, so an invalid UTF-8 line is named by its number
+        for lineno, raw in enumerate(f, 1):
             try:
+                line = raw.decode("utf-8")
+                if not line.strip():
+                    continue
                 records.append((lineno, _check_record(json.loads(line))))
-            except ValueError as e:  # json.JSONDecodeError is a ValueError
+            except ValueError as e:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
                 reason = f"invalid JSON ({e.msg})" if isinstance(e, json.JSONDecodeError) else str(e)
+                if isinstance(e, UnicodeDecodeError):
+                    reason = f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1}); save the file as UTF-8"
                 raise UsageError(f"{path}, line {lineno}: {reason}") from None
     if not records:
         raise UsageError(f"{path} has no training records")
@@ -291,10 +295,11 @@ def train(
 
 
 def _check_options(full, resume, adapter_path, save_path, lora_rank, lora_scale, lora_experts, counts,
-                   learning_rate) -> None:
+                   learning_rate, seed) -> None:
     for name, value in counts.items():
         if value is not None and value < 1:
             raise UsageError(f"{name} must be at least 1 (got {value})")
+    check_seed(seed, "--seed")
     if not math.isfinite(learning_rate) or learning_rate <= 0:
         raise UsageError(f"--learning-rate must be a positive number (got {learning_rate})")
     if full:
@@ -419,7 +424,7 @@ def run_finetune(
     counts = {"--iters": iters, "--batch-size": batch_size, "--lora-rank": lora_rank, "--val-every": val_every,
               "--steps-per-report": report_every}
     _check_options(full, resume, adapter_path, save_path, lora_rank, lora_scale, lora_experts, counts,
-                   learning_rate)
+                   learning_rate, seed)
     if resume:
         _resume_config(Path(adapter_path or "adapters"), lora_rank, lora_scale, lora_experts)
     records = read_jsonl(data)

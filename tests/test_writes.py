@@ -18,15 +18,15 @@ import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 
 from mlx_diffusiongemma.convert import convert
-from mlx_diffusiongemma.errors import UsageError
+from mlx_diffusiongemma.errors import CheckpointError, UsageError
 from mlx_diffusiongemma.folders import target_lock
 from mlx_diffusiongemma.loader import load
 from mlx_diffusiongemma.lora import apply_lora, save_adapters
-from mlx_diffusiongemma.train import _tokenized, read_jsonl, train
+from mlx_diffusiongemma.train import _tokenized, read_jsonl, run_finetune, train
 
 ROOT = Path(__file__).resolve().parents[1]
 # The converter's test hooks: a pause after each of the toy's 112 tensors, and small shards.
-SLOW = {"MLX_DIFFUSIONGEMMA_CONVERT_DELAY": "0.05", "MLX_DIFFUSIONGEMMA_CONVERT_SHARD_BYTES": "100000"}
+SLOW = {"MLX_DIFFUSIONGEMMA_CONVERT_DELAY": "0.02", "MLX_DIFFUSIONGEMMA_CONVERT_SHARD_BYTES": "100000"}
 
 
 def _popen(*args, env=None, **kw) -> subprocess.Popen:
@@ -77,15 +77,14 @@ def test_sigterm_mid_convert_leaves_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []  # no temporary folder, no lock file
 
 
-def test_sigkill_leftovers_are_removed_by_the_next_run(tmp_path):
+def test_sigkill_leftovers_are_removed_by_the_next_run(tmp_path, capfd):
     proc = _convert(tmp_path / "out", env=SLOW)
     tmp = _wait_for_first_shard(proc, tmp_path)
     proc.kill()
     proc.communicate(timeout=60)
     assert tmp.exists() and str(proc.pid) in tmp.name  # the dead writer's pid is in the name
-    again = _run("convert", "--hf-path", "toy", "--mlx-path", tmp_path / "out")
-    assert again.returncode == 0, again.stderr
-    assert f"removed {tmp}" in again.stderr
+    convert("toy", tmp_path / "out")
+    assert f"removed {tmp}" in capfd.readouterr().err
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
     assert load(tmp_path / "out")[0].args.vocab_size > 0
 
@@ -118,10 +117,10 @@ def test_second_concurrent_convert_refuses(tmp_path):
     try:
         _wait_for_first_shard(first, tmp_path)
         first.send_signal(signal.SIGSTOP)
-        second = _run("convert", "--hf-path", "toy", "--mlx-path", tmp_path / "out")
+        with pytest.raises(CheckpointError, match=f"pid {first.pid} is writing {tmp_path / 'out'} right now"):
+            convert("toy", tmp_path / "out")  # the second run
     finally:
         first.send_signal(signal.SIGCONT)
-    _one_line_error(second, f"pid {first.pid} is writing", str(tmp_path / "out"))
     _, err = first.communicate(timeout=300)
     assert first.returncode == 0, err
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
@@ -200,19 +199,18 @@ def data(tmp_path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("flags", [["--adapter-path", "{file}/adapters"], ["--full", "--save-path", "{file}/ckpt"]])
-def test_finetune_checks_its_output_before_training(flags, data, tmp_path):
+@pytest.mark.parametrize("option", ["adapter_path", "save_path"])
+def test_finetune_checks_its_output_before_training(option, data, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
-    flags = [f.format(file=blocker) for f in flags]
-    result = _run("finetune", "--model", "toy", "--data", data, "--iters", 1, *flags)
-    _one_line_error(result, "cannot be written", str(blocker))  # one line: no "training ..." or "iter" lines
+    kwargs = {option: str(blocker / "out"), "full": option == "save_path"}
+    with pytest.raises(UsageError, match=f"cannot be written: {blocker} is a file"):
+        run_finetune("toy", str(data), iters=1, **kwargs)  # until now: after training, as a NotADirectoryError
 
 
 def test_finetune_nan_learning_rate_saves_nothing(data, tmp_path):
-    result = _run("finetune", "--model", "toy", "--data", data, "--iters", 2, "--learning-rate", "nan",
-                  "--adapter-path", tmp_path / "ad")
-    _one_line_error(result, "--learning-rate")
+    with pytest.raises(UsageError, match="--learning-rate must be a positive number"):
+        run_finetune("toy", str(data), iters=2, learning_rate=float("nan"), adapter_path=str(tmp_path / "ad"))
     assert not (tmp_path / "ad").exists()
 
 
