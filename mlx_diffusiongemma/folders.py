@@ -217,7 +217,8 @@ def build_folder(dst: Path, *, replace: bool = False, wait: bool = False, hint: 
 
 def write_error(dst: Path, e: Exception) -> CheckpointError:
     """One line for a failed write of `dst` (MLX says only "Unable to write", so name the likely cause)."""
-    reason = (e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip() or type(e).__name__).rstrip(".")
+    reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip() or type(e).__name__
+    reason = reason.rstrip(".")
     free = f", {shutil.disk_usage(dst.parent).free / 2**20:.0f} MiB free there" if dst.parent.exists() else ""
     return CheckpointError(f"writing {dst} failed ({reason}{free}); nothing was written: free some space or "
                            "choose another folder")

@@ -96,7 +96,8 @@ def save_adapters(model, path: str | Path, config: dict, name: str = ADAPTER_FIL
         created = not path.exists()
         path.mkdir(parents=True, exist_ok=True)
         remove_stale_files(path, ".partial-")
-        tensors, settings = (path / f".{n}.partial-{os.getpid()}.safetensors" for n in (name, CONFIG_FILE))
+        tensors = path / f".{name}.partial-{os.getpid()}.safetensors"  # MLX adds .safetensors if it is missing
+        settings = path / f".{CONFIG_FILE}.partial-{os.getpid()}.json"
         try:
             mx.save_safetensors(str(tensors), adapter_weights(model))
             settings.write_text(json.dumps(config, indent=2) + "\n")
