@@ -214,6 +214,23 @@ def test_finetune_nan_learning_rate_saves_nothing(data, tmp_path):
     assert not (tmp_path / "ad").exists()
 
 
+def test_sigterm_during_full_finetune_saves_leaves_only_a_complete_checkpoint(data, tmp_path):
+    """SIGTERM while `finetune --full` saves every iteration: the last complete save stays, and neither a
+    temporary folder nor the --save-path lock is left."""
+    parent = tmp_path / "outputs"
+    proc = _popen("finetune", "--model", "toy", "--data", data, "--full", "--save-path", parent / "ft",
+                  "--iters", 100000, "--save-every", 1, "--steps-per-report", 1000)
+    for line in proc.stderr:
+        if "saved to" in line:  # the first save is in place; later ones go on back to back
+            break
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "Traceback" not in err, err
+    assert [p.name for p in parent.iterdir()] == ["ft"]
+    assert load(parent / "ft")[0].args.vocab_size > 0
+
+
 def test_training_stops_at_a_non_finite_loss(data):
     model, tokenizer = load("toy")  # every weight trains, as with --full
     examples = _tokenized(tokenizer, read_jsonl(data), data)
