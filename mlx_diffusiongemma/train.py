@@ -184,7 +184,7 @@ def read_jsonl(path: str | Path) -> list[tuple[int, list[dict]]]:
             except ValueError as e:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
                 reason = f"invalid JSON ({e.msg})" if isinstance(e, json.JSONDecodeError) else str(e)
                 if isinstance(e, UnicodeDecodeError):
-                    reason = f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1}); save the file as UTF-8"
+                    reason = f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1}); save it as UTF-8"
                 raise UsageError(f"{path}, line {lineno}: {reason}") from None
     if not records:
         raise UsageError(f"{path} has no training records")
@@ -287,8 +287,17 @@ def train(
         if (val_every and it % val_every == 0) or it == iters:
             validate(it)
         if save is not None and save_every and it % save_every == 0 and it < iters:
+            _check_finite(model, it)
             save(it)
+    _check_finite(model, iters)
     return history
+
+
+def _check_finite(model: Model, it: int) -> None:
+    """A finite loss can still come with an update that made weights NaN or infinite: never save those."""
+    if not all(mx.isfinite(v).all().item() for _, v in tree_flatten(model.trainable_parameters())):
+        raise UsageError(f"training stopped at iteration {it}: the weights became NaN or infinite (lower "
+                         "--learning-rate); they were not saved")
 
 
 # --- the finetune command -----------------------------------------------------------------------------------
@@ -315,10 +324,8 @@ def _check_options(full, resume, adapter_path, save_path, lora_rank, lora_scale,
             raise UsageError(f"{save_path} already exists; choose a new --save-path")
     elif save_path is not None:
         raise UsageError("--save-path is for --full; LoRA adapters go to --adapter-path (`fuse` merges them)")
-    if full:
-        _check_writable(Path(save_path).expanduser().absolute(), "--save-path")
-    else:
-        _check_writable(Path(adapter_path or "adapters").expanduser().absolute(), "--adapter-path")
+    target, flag = (save_path, "--save-path") if full else (adapter_path or "adapters", "--adapter-path")
+    _check_writable(Path(target).expanduser().absolute(), flag)
 
 
 def _check_writable(path: Path, flag: str) -> None:

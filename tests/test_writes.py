@@ -238,4 +238,7 @@ def test_training_stops_at_a_non_finite_loss(data):
     with pytest.raises(UsageError, match="training stopped at iteration 2: the loss is (nan|inf)"):
         train(model, examples, iters=5, learning_rate=1e30, save_every=1, save=saves.append, log=lambda _: None)
     assert saves == [1]  # the finite state of iteration 1 only; nothing after the loss broke
+    model, _ = load("toy")  # a finite loss whose update overflows (float32 lr = inf): not saved either
+    with pytest.raises(UsageError, match="iteration 1: the weights became NaN or infinite"):
+        train(model, examples, iters=1, learning_rate=1e39, save_every=1, save=saves.append, log=lambda _: None)
 
