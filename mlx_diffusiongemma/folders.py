@@ -204,7 +204,9 @@ def build_folder(dst: Path, *, replace: bool = False, wait: bool = False, hint: 
     dst = Path(dst).absolute()
     with terminate_as_interrupt(), target_lock(dst, wait=wait):
         remove_stale(dst)
-        if dst.exists() and not (replace and dst.is_dir()):
+        if dst.exists() and not dst.is_dir():
+            raise CheckpointError(f"{dst} is a file; choose a folder to write")
+        if dst.exists() and not replace:
             raise CheckpointError(f"{dst} already exists; {hint or 'choose a new folder'}")
         tmp = _temp_dir(dst, "tmp")
         try:

@@ -19,7 +19,7 @@ from mlx_diffusiongemma.console import parse_template_config
 from mlx_diffusiongemma.errors import CheckpointError, DiffusionGemmaError, UsageError
 from mlx_diffusiongemma.lora import CONFIG_FILE, fuse, load_adapters
 from mlx_diffusiongemma.noise import MLXNoise
-from mlx_diffusiongemma.train import read_jsonl
+from mlx_diffusiongemma.train import read_jsonl, run_finetune
 
 ROOT = Path(__file__).resolve().parents[1]
 BAD = b"sort 3\xff2"  # 0xff never occurs in UTF-8
@@ -85,6 +85,8 @@ def test_python_seed_out_of_range():
     with pytest.raises(DiffusionGemmaError, match="seed must be"):
         MLXNoise(-1)
     assert generate(model, tokenizer, "sort 21", seed=2**64 - 1, max_tokens=24) is not None
+    with pytest.raises(UsageError, match="--seed must be"):  # checked before the data is read
+        run_finetune("toy", "no-such-file.jsonl", seed=-1)
 
 
 def test_jsonl_line_that_is_not_utf8_is_named(tmp_path):
