@@ -189,6 +189,11 @@ def bench(
 
     if (model_path is None) == (random is None):
         raise DiffusionGemmaError("pass exactly one of --model PATH and --random PRESET")
+    for flag, value in (("--canvases", canvases), ("--repeat", repeat), ("--prompt-tokens", prompt_tokens)):
+        if value < 1:
+            raise UsageError(f"{flag} must be at least 1 (got {value})")
+    if steps is not None and steps < 0:
+        raise UsageError(f"--steps must be 0 (the drafter's own rules) or more (got {steps})")
     if adapter_path is not None and random is not None:
         raise UsageError("--adapter-path needs --model: adapters belong to the checkpoint they were trained on")
     if random is not None:

@@ -16,7 +16,10 @@ from __future__ import annotations
 import math
 import sys
 
-from .console import check_context, make_output, parse_template_config, print_stats, reply_length, stream_reply
+from .console import (
+    check_context, check_text, lenient_stdin, make_output, parse_template_config, print_stats, reply_length,
+    stream_reply,
+)
 from .errors import ContextLengthError, UsageError
 
 HELP = """\
@@ -36,6 +39,9 @@ def run_chat(
     live: bool = True, verbose: bool = False, adapter_path: str | None = None,
 ) -> None:
     template_kwargs = parse_template_config(chat_template_config)
+    if system_prompt is not None:
+        check_text(system_prompt, "--system-prompt")
+    lenient_stdin()
     if max_tokens is not None and max_tokens < 1:
         raise UsageError(f"--max-tokens must be at least 1 (got {max_tokens})")
     interactive = _isatty(sys.stdin)
@@ -73,6 +79,11 @@ def run_chat(
             return
         if line is None:
             return
+        try:
+            check_text(line, "this message")
+        except UsageError as e:  # the session goes on
+            _note(f"error: {e}")
+            continue
         text = line.strip()
         if not text:
             continue

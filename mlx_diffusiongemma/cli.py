@@ -89,6 +89,15 @@ _TEMPLATE_CONFIG_HELP = (
 )
 
 
+def _seed(value: Optional[int]) -> Optional[int]:
+    """--seed is checked before the model loads (MLX keys on 0 to 2**64 - 1)."""
+    if value is not None:
+        from .noise import check_seed
+
+        check_seed(value, "--seed")
+    return value
+
+
 @app.command()
 def generate(
     model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help=_MODEL_HELP),
@@ -101,7 +110,7 @@ def generate(
         "checkpoint's max_new_tokens, else 256)."
     ),
     seed: Optional[int] = typer.Option(
-        None, "--seed", help="Random seed (default: a fresh one, printed with --verbose)."
+        None, "--seed", help="Random seed (default: a fresh one, printed with --verbose).", callback=_seed
     ),
     drafter: str = typer.Option("reference", "--drafter", help="Drafter preset (reference, fast) or a JSON file."),
     ignore_chat_template: bool = typer.Option(
@@ -136,7 +145,8 @@ def chat(
         "max_new_tokens, else 256)."
     ),
     seed: Optional[int] = typer.Option(
-        None, "--seed", help="Seed for the whole session (default: a fresh one per reply, printed with --verbose)."
+        None, "--seed", help="Seed for the whole session (default: a fresh one per reply, printed with --verbose).",
+        callback=_seed,
     ),
     drafter: str = typer.Option("reference", "--drafter", help="Drafter preset (reference, fast) or a JSON file."),
     chat_template_config: Optional[str] = typer.Option(None, "--chat-template-config", help=_TEMPLATE_CONFIG_HELP),
@@ -319,9 +329,24 @@ def fuse(
     typer.echo(f"wrote {run_fuse(model, adapter_path, save_path, dequantize=dequantize)}")
 
 
+def _null_for_closed_streams() -> None:
+    """A closed standard stream (`>&-`) becomes /dev/null: writes go nowhere instead of failing, and its file
+    descriptor is not handed to the next file this process opens (where stray writes would corrupt it)."""
+    import os
+
+    for fd, name, mode in ((0, "stdin", "r"), (1, "stdout", "w"), (2, "stderr", "w")):
+        if getattr(sys, name) is None:
+            null = os.open(os.devnull, os.O_RDONLY if mode == "r" else os.O_WRONLY)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+            setattr(sys, name, open(fd, mode, closefd=False))
+
+
 def main() -> None:
     from .errors import DiffusionGemmaError
 
+    _null_for_closed_streams()
     try:
         app()
     except DiffusionGemmaError as e:

@@ -22,7 +22,7 @@ from .cache import LayerCache, PromptCache
 from .drafter import DrafterConfig, resolve_drafter
 from .hidden import hidden_token_ids, visible
 from .model import Model
-from .noise import MLXNoise, NoiseSource
+from .noise import MLXNoise, NoiseSource, check_seed
 from .parallel import per_position
 
 PREFILL_STEP = 2048
@@ -319,7 +319,7 @@ def stream_generate(
     """
     if not isinstance(drafter, DrafterConfig):
         drafter = resolve_drafter(drafter, getattr(model, "generation_config", None), model.args.canvas_length)
-    seed = secrets.randbits(31) if seed is None else seed
+    seed = secrets.randbits(31) if seed is None else check_seed(seed)
     noise = MLXNoise(seed) if noise is None else noise
     ids = prompt_to_ids(tokenizer, prompt, chat_template, chat_template_kwargs)
     if max_tokens < 1:

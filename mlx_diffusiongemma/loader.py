@@ -181,31 +181,27 @@ def load_model(path: Path, dtype: str | None = None, lazy: bool = False) -> Mode
     return model
 
 
-def save_checkpoint(model: Model, source: Path, dest: str | Path, config: dict) -> Path:
+def save_checkpoint(model: Model, source: Path, dest: str | Path, config: dict, *, replace: bool = False) -> Path:
     """Write `model` as a checkpoint folder `load` reads: its weights (mlx-lm's `save_model`: model.safetensors),
     `config` as config.json, and the tokenizer and generation files of the `source` folder.
 
-    The folder is built under a temporary name beside `dest` and renamed into place, so a failure or an
-    interruption leaves nothing half-written; an existing `dest` is replaced only once the new one is complete.
+    The folder is built under a temporary name beside `dest` and renamed into place (`folders.build_folder`),
+    so a failure or an interruption leaves nothing half-written; an existing `dest` is refused unless `replace`,
+    and then replaced only once the new one is complete.
     """
-    import shutil
-    import tempfile
-
     from mlx_lm.utils import save_model
 
-    from .convert.convert import copy_side_files, install_folder
+    from .convert.convert import copy_side_files
+    from .folders import build_folder, write_error
 
     dest = Path(dest).expanduser().absolute()
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     try:
-        save_model(tmp, model)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        copy_side_files(source, tmp)
-        install_folder(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with build_folder(dest, replace=replace, hint="choose a new --save-path") as tmp:
+            save_model(tmp, model)
+            (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+            copy_side_files(source, tmp)
+    except (OSError, RuntimeError) as e:  # MLX reports a failed write (a full disk) as a RuntimeError
+        raise write_error(dest, e) from None
     return dest
 
 
