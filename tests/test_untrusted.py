@@ -87,8 +87,9 @@ def test_a_million_layers_is_refused_before_the_model_is_built(tmp_path):
         (lambda t: t.update(head_dim=2**40), "head_dim"),
         (lambda t: t.update(num_attention_heads=3), "multiple"),
         (lambda t: t.update(top_k_experts=9), "top_k_experts"),
-        (lambda t: t.update(rope_parameters={"full_attention": {"rope_type": "yarn"}}), "rope_type"),
-        (lambda t: t.update(rms_norm_eps="tiny"), "rms_norm_eps"),
+        (lambda t: t.update(rope_parameters={"full_attention": {"rope_type": "yarn"}}),
+         "rope_type 'yarn' is not supported"),
+        (lambda t: t.update(rms_norm_eps="tiny"), "rms_norm_eps must be a positive number"),
         (lambda t: t.update(per_layer_config=[1]), "per_layer_config"),
     ],
 )
