@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -277,7 +278,7 @@ def apply_chat_template(tokenizer, messages: list[dict], **kwargs) -> list[int]:
         raise ChatTemplateError(
             f"the chat template in {where} failed ({reason}); fix the template or pass --ignore-chat-template"
         ) from None
-    return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+    return list(ids["input_ids"] if isinstance(ids, Mapping) else ids)  # a BatchEncoding is a Mapping
 
 
 def load(path_or_repo: str | Path, *, dtype: str | None = None, lazy: bool = False,
