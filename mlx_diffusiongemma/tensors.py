@@ -15,20 +15,23 @@ from mlx.utils import tree_flatten
 from .errors import CheckpointError
 from .model import FULL, SLIDING, Model, ModelArgs
 
+FLOAT_CODES = ("F32", "BF16", "F16")  # what an unquantized weight may be stored as
 _LAYER = re.compile(r"^model\.(decoder|encoder\.language_model)\.layers\.(\d+)\.(.*)$")
 
 
-def stored_shapes(headers: dict[Path, dict]) -> tuple[dict[str, tuple[int, ...]], dict[str, Path]]:
-    """(shape, file) of every text tensor the headers list, under the model's names (`Model.sanitize`)."""
+def stored_shapes(headers: dict[Path, dict]) -> tuple[dict[str, tuple[int, ...]], dict[str, Path], dict[str, str]]:
+    """(shape, file, dtype code) of every text tensor the headers list, under the model's names
+    (`Model.sanitize`)."""
     shapes: dict[str, tuple[int, ...]] = {}
     origin: dict[str, Path] = {}
+    dtypes: dict[str, str] = {}
     for file, header in headers.items():
         names = Model.sanitize({k: k for k in header if k != "__metadata__"})
         for key, name in names.items():
             if key in shapes:
                 raise CheckpointError(f"tensor {key} appears twice in the checkpoint (in {origin[key]} and {file})")
-            shapes[key], origin[key] = tuple(header[name]["shape"]), file
-    return shapes, origin
+            shapes[key], origin[key], dtypes[key] = tuple(header[name]["shape"]), file, header[name]["dtype"]
+    return shapes, origin, dtypes
 
 
 def check_layer_count(args: ModelArgs, keys, path: Path) -> None:
@@ -112,7 +115,7 @@ def check_shapes(args: ModelArgs, qcfg: dict | None, headers: dict[Path, dict], 
     """Refuse, in one line naming the tensor, weights that do not match what config.json implies."""
     if qcfg is not None and not isinstance(qcfg, dict):
         raise CheckpointError(f"config.json in {path}: quantization must be an object (got {qcfg!r})")
-    stored, origin = stored_shapes(headers)
+    stored, origin, dtypes = stored_shapes(headers)
     check_layer_count(args, stored, path)
     expected = expected_shapes(args, qcfg, stored)
     for key in stored:
@@ -125,4 +128,11 @@ def check_shapes(args: ModelArgs, qcfg: dict | None, headers: dict[Path, dict], 
             raise CheckpointError(
                 f"tensor {key} in {origin[key]} has shape {stored[key]} but config.json implies {shape}; "
                 "the config and weights do not match"
+            )
+        packed = key.endswith(".weight") and f"{key[: -len('.weight')]}.scales" in expected
+        quantized = packed or key.endswith((".scales", ".biases"))
+        if not quantized and dtypes[key] not in FLOAT_CODES:
+            raise CheckpointError(
+                f"tensor {key} in {origin[key]} is {dtypes[key]}, not a float type (F32, BF16 or F16); "
+                "re-download or reconvert the checkpoint"
             )

@@ -209,6 +209,17 @@ def test_header_whose_bytes_do_not_match_its_shape(tmp_path):
         load(path)
 
 
+def test_integer_weight_where_a_float_is_needed(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    path = _toy(tmp_path)
+    tensors = load_file(str(path / "model.safetensors"))
+    tensors["model.decoder.norm.weight"] = tensors["model.decoder.norm.weight"].astype(np.int32)
+    save_file(tensors, str(path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="model.decoder.norm.weight .* is I32, not a float type"):
+        load(path)
+
+
 # --- tokenizer and chat template ----------------------------------------------------------------------------
 
 
