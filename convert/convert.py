@@ -361,12 +361,14 @@ def _convert_into(
 
     from mlx_diffusiongemma.loader import DTYPES, check_safetensors, load_config, weight_files
     from mlx_diffusiongemma.model import Model
+    from mlx_diffusiongemma.tensors import check_layer_count, stored_shapes
 
     src_config, args = load_config(src)
     if src_config.get("quantization") or src_config.get("quantization_config"):
         raise CheckpointError(f"{src} is already quantized; convert from the original bf16/fp32 checkpoint")
     files = weight_files(src)
     headers = {f: check_safetensors(f) for f in files}
+    check_layer_count(args, stored_shapes(headers)[0], src)  # before the model tree below is built
     dtype = dtype or _source_dtype(headers)
     target = DTYPES[dtype]
 

@@ -20,7 +20,7 @@ from .console import (
     check_context, check_text, lenient_stdin, make_output, parse_template_config, print_stats, reply_length,
     stream_reply,
 )
-from .errors import ContextLengthError, UsageError
+from .errors import ChatTemplateError, ContextLengthError, UsageError
 
 HELP = """\
 Commands:
@@ -122,7 +122,7 @@ def run_chat(
                 m, tokenizer, ids, out, max_tokens=max_tokens, drafter=config, seed=seed, noise=noise,
                 prompt_cache=cache,
             )
-        except ContextLengthError as e:
+        except (ContextLengthError, ChatTemplateError) as e:  # this message cannot be answered; the session goes on
             del history[before:]
             _note(f"error: {e}")
             continue

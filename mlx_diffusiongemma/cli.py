@@ -250,7 +250,9 @@ def bench(
     """Time prefill, decoder steps, commit passes and whole canvases (median, min, max over repeats).
 
     `--random full --q-bits 4` is the released 26B geometry at the community 4-bit mix: about 15 GB of
-    weights, so a Mac with 24 GB or more.
+    weights and 17 GiB at its peak, so a Mac with 32 GB or more. A run whose estimated memory (weights, KV
+    cache, logits, activations) does not fit, or whose prompt and canvases exceed the model's context, is
+    refused before anything is built.
     """
     from .bench import bench as run_bench
 

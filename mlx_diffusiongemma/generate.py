@@ -260,12 +260,10 @@ def prompt_to_ids(tokenizer, prompt, chat_template: bool = True, chat_template_k
         return list(prompt)
     if isinstance(prompt, str) and not chat_template:
         return tokenizer.encode(prompt)
+    from .loader import apply_chat_template
+
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-    return list(
-        tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=True, **(chat_template_kwargs or {})
-        )
-    )
+    return apply_chat_template(tokenizer, messages, add_generation_prompt=True, **(chat_template_kwargs or {}))
 
 
 def _eos_ids(model: Model, tokenizer) -> list[int]:

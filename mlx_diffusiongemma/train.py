@@ -355,13 +355,22 @@ def _resume_config(path: Path, rank: int | None, scale: float | None, experts: b
     return saved
 
 
-def _tokenized(tokenizer, records, path) -> list[tuple[list[int], int]]:
-    examples = []
+def _tokenized(tokenizer, records, path, args) -> list[tuple[list[int], int]]:
+    """Tokenize every record, refusing (naming the line) one the template rejects or the context cannot hold."""
+    examples, C = [], args.canvas_length
     for lineno, messages in records:
         try:
-            examples.append(tokenize(tokenizer, messages))
+            ids, prompt_len = tokenize(tokenizer, messages)
         except Exception as e:  # the template rejected the messages, or renders them oddly
             raise UsageError(f"{path}, line {lineno}: cannot tokenize the conversation ({e})") from None
+        blocks = math.ceil((len(ids) - prompt_len) / C)  # the response is trained as whole canvases
+        if prompt_len + blocks * C > args.max_position_embeddings:
+            raise UsageError(
+                f"{path}, line {lineno}: the conversation needs {prompt_len + blocks * C} positions (a {prompt_len}"
+                f"-token prompt and {blocks} canvases of {C}), more than the model's context of "
+                f"{args.max_position_embeddings}; shorten or drop it"
+            )
+        examples.append((ids, prompt_len))
     return examples
 
 
@@ -438,8 +447,8 @@ def run_finetune(
     val_records = read_jsonl(val_data) if val_data is not None else None
     source = resolve_path(model_path)
     model, tokenizer = load(source)
-    examples = _tokenized(tokenizer, records, data)
-    val_examples = _tokenized(tokenizer, val_records, val_data) if val_records else None
+    examples = _tokenized(tokenizer, records, data, model.args)
+    val_examples = _tokenized(tokenizer, val_records, val_data, model.args) if val_records else None
     mx.random.seed(seed)  # the LoRA A matrices' initialisation
     what, save, out = _trainer(model, source, full=full, resume=resume, adapter_path=adapter_path,
                                save_path=save_path, lora_rank=lora_rank, lora_scale=lora_scale,
