@@ -91,7 +91,8 @@ def pass_costs(model, label: str, prompt_tokens: int, repeat: int = 5) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--prompts", type=int, default=500, help="held-out prompts per task (at most 2000)")
+    parser.add_argument("--prompts", type=int, default=500,
+                        help="held-out prompts per task (at most 2000; 0: only the pass costs)")
     parser.add_argument("--skip-costs", action="store_true", help="only the accuracy table")
     parser.add_argument("--no-openblas", action="store_true", help="keep MLX's own (slow) CPU BLAS")
     args = parser.parse_args()
@@ -99,8 +100,9 @@ def main() -> None:
     model, tokenizer = load("toy")
     print(f"toy model, {args.prompts} held-out prompts per task, seeds 0..{args.prompts - 1}, "
           f"{mx.default_device()}, {blas}")
-    rows = accuracy_table(model, tokenizer, args.prompts)
-    print("\n" + "\n".join(rows))
+    if args.prompts > 0:
+        rows = accuracy_table(model, tokenizer, args.prompts)
+        print("\n" + "\n".join(rows))
     if not args.skip_costs:
         print(pass_costs(model, "toy (canvas 24, 19-token prompt)", 19))
         print(pass_costs(random_model("medium", "float32"), "random medium (canvas 256, 100-token prompt)", 100))

@@ -173,6 +173,8 @@ def _check_record(record) -> list[dict]:
 def read_jsonl(path: str | Path) -> list[tuple[int, list[dict]]]:
     """`(line number, chat messages)` of every record of a JSONL file (blank lines skipped); errors name the line."""
     path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"{path} is {'a folder' if path.is_dir() else 'missing'}; pass a JSONL file of records")
     records = []
     with open(path, "rb") as f:  # bytes, decoded per line, so an invalid UTF-8 line is named by its number
         for lineno, raw in enumerate(f, 1):

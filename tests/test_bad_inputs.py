@@ -130,3 +130,13 @@ def test_bench_zero_counts(flag):
     counts = {"canvases": 2, "repeat": 1, flag: 0}
     with pytest.raises(UsageError, match=f"--{flag} must be at least 1 \\(got 0\\)"):
         bench(None, "tiny", None, None, 8, counts["canvases"], 2, "reference", counts["repeat"], False)
+
+
+def test_training_data_that_is_a_folder_or_missing_is_named(tmp_path):
+    from mlx_diffusiongemma.errors import UsageError
+    from mlx_diffusiongemma.train import read_jsonl
+
+    with pytest.raises(UsageError, match="is a folder; pass a JSONL file"):
+        read_jsonl(tmp_path)
+    with pytest.raises(UsageError, match="is missing; pass a JSONL file"):
+        read_jsonl(tmp_path / "absent.jsonl")
