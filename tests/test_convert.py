@@ -21,7 +21,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from checkpoints import build_checkpoint, load_reference
+from checkpoints import build_checkpoint, decoder_logits_pair, load_reference
 from figures import record
 from mlx_diffusiongemma.convert import ConversionOptionError, convert
 from mlx_diffusiongemma.errors import CheckpointError
@@ -141,13 +141,7 @@ def test_bf16_conversion_argmax_agreement(tmp_path):
     rng = np.random.default_rng(4)
     V, C = ours.args.vocab_size, ours.args.canvas_length
     prompt, canvas = rng.integers(0, V, (16, 20)), rng.integers(0, V, (16, C))
-    cache = DynamicCache(config=ref.config.text_config)
-    with torch.no_grad():
-        ref.model.encoder(input_ids=torch.tensor(prompt), cache=cache)
-        expected = ref(cache=cache, decoder_input_ids=torch.tensor(canvas)).logits.float().numpy()
-    mcache = ours.make_cache()
-    ours.encode(mx.array(prompt), mcache)
-    got = np.array(ours.decode(mx.array(canvas), mcache))
+    expected, got = decoder_logits_pair(ref, ours, prompt, canvas)
     agree = float((expected.argmax(-1) == got.argmax(-1)).mean())
     record("convert bf16: decoder argmax agreement with transformers bf16 (512 positions)", agree)
     assert agree >= 0.99

@@ -16,7 +16,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from checkpoints import build_checkpoint, load_reference
+from checkpoints import build_checkpoint, decoder_logits_pair, load_reference
 from mlx_diffusiongemma import load
 from mlx_diffusiongemma.generate import generate
 from mlx_diffusiongemma.errors import ChatTemplateError, CheckpointError
@@ -117,9 +117,6 @@ def test_config_of_the_wrong_type(tmp_path, content, words):
 def test_same_geometry_full_layers_load_as_transformers_does(tmp_path):
     """transformers >= 5.23 writes `per_layer_config: {}` when full layers keep the sliding geometry; it then
     gives them `head_dim` and `num_key_value_heads`, and so must we (decoder logits agree)."""
-    from transformers import DynamicCache
-    import torch
-
     path = build_checkpoint(tmp_path / "same", num_layers=3, tokenizer=False, per_layer_config={},
                             global_head_dim=None, num_global_key_value_heads=None)
     config = json.loads((path / "config.json").read_text())
@@ -130,13 +127,7 @@ def test_same_geometry_full_layers_load_as_transformers_does(tmp_path):
     assert ours.args.geometry(2) == ours.args.geometry(0) == (8, 2)
     rng = np.random.default_rng(0)
     ids, canvas = rng.integers(0, 64, (1, 11)), rng.integers(0, 64, (1, 8))
-    cache = DynamicCache(config=ref.config.text_config)
-    with torch.no_grad():
-        ref.model.encoder(input_ids=torch.tensor(ids), cache=cache)
-        expected = ref(cache=cache, decoder_input_ids=torch.tensor(canvas)).logits.float().numpy()
-    mcache = ours.make_cache()
-    ours.encode(mx.array(ids), mcache)
-    got = np.array(ours.decode(mx.array(canvas), mcache))
+    expected, got = decoder_logits_pair(ref, ours, ids, canvas)
     assert np.abs(expected - got).max() <= 1e-4
 
 
