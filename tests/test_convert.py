@@ -475,7 +475,7 @@ def test_cli_converts(source, tmp_path):
 
 
 def test_sigint_leaves_nothing(sharded_source, tmp_path):
-    env = dict(os.environ, MLX_DIFFUSIONGEMMA_CONVERT_DELAY="0.05", MLX_DIFFUSIONGEMMA_CONVERT_SHARD_BYTES="100000")
+    env = dict(os.environ, MLX_DIFFUSIONGEMMA_CONVERT_DELAY="0.2", MLX_DIFFUSIONGEMMA_CONVERT_SHARD_BYTES="100000")
     parent = tmp_path / "outputs"
     parent.mkdir()
     proc = _cli("--hf-path", sharded_source, "--mlx-path", parent / "out", env=env)

@@ -26,7 +26,7 @@ from mlx_diffusiongemma.train import _tokenized, read_jsonl, run_finetune, train
 
 ROOT = Path(__file__).resolve().parents[1]
 # The converter's test hooks: a pause after each of the toy's 112 tensors, and small shards.
-SLOW = {"MLX_DIFFUSIONGEMMA_CONVERT_DELAY": "0.02", "MLX_DIFFUSIONGEMMA_CONVERT_SHARD_BYTES": "100000"}
+SLOW = {"MLX_DIFFUSIONGEMMA_CONVERT_DELAY": "0.1", "MLX_DIFFUSIONGEMMA_CONVERT_SHARD_BYTES": "100000"}
 
 
 def _popen(*args, env=None, **kw) -> subprocess.Popen:
@@ -233,7 +233,7 @@ def test_sigterm_during_full_finetune_saves_leaves_only_a_complete_checkpoint(da
 
 def test_training_stops_at_a_non_finite_loss(data):
     model, tokenizer = load("toy")  # every weight trains, as with --full
-    examples = _tokenized(tokenizer, read_jsonl(data), data)
+    examples = _tokenized(tokenizer, read_jsonl(data), data, model.args)
     saves = []
     with pytest.raises(UsageError, match="training stopped at iteration 2: the loss is (nan|inf)"):
         train(model, examples, iters=5, learning_rate=1e30, save_every=1, save=saves.append, log=lambda _: None)
