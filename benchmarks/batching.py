@@ -114,6 +114,7 @@ def main() -> None:
         label = "toy (fp32)" if name == "toy" else f"random {name} (fp32)"
         table(model, label, args)
         print()
+    print("What to expect on Metal:" + __doc__.split("What to expect on Metal:")[1].rstrip())
 
 
 if __name__ == "__main__":

@@ -84,7 +84,7 @@ class BatchDenoiser:
         if drafter.verify != "none":
             raise DrafterConfigError(
                 f'drafter {drafter.name!r} has verify "{drafter.verify}": batches run verify "none" only '
-                '(the speculative commit is one sequence at a time); use stream_generate or another drafter'
+                '(the speculative commit is one sequence at a time); run it alone or pick a verify "none" drafter'
             )
         self.model, self.drafter, self.eos_ids, self.pad_id = model, drafter, list(eos_ids), pad_id
         self.memory_budget, self.max_batch, self.prefill_step = memory_budget, max_batch, prefill_step

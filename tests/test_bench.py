@@ -40,6 +40,12 @@ def test_bench_batch_json():
     assert report["rows_per_expert"]["median"] == 3 * args["canvas_length"] * args["top_k_experts"] / args["num_experts"]
 
 
+def test_bench_batch_refuses_the_speculative_commit_in_one_line():
+    result = _cli("--random", "tiny", "--dtype", "float32", "--batch", "2", "--drafter", "speculative")
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and 'verify "none"' in result.stderr and "Traceback" not in result.stderr
+
+
 def test_full_geometry_estimate_and_refusal():
     args = ModelArgs(**PRESETS["full"])
     bf16 = estimated_bytes(args, mx.bfloat16, None)
