@@ -2,6 +2,7 @@
 
     python benchmarks/batching.py                          # toy and random medium, fp32 (several minutes)
     python benchmarks/batching.py --models toy --batches 1,2 --canvases 1 --steps 2   # a quick look
+    python benchmarks/batching.py --mixed                  # prompts of different lengths (padding, masks)
 
 Every request is a random prompt of `--prompt-tokens` tokens that runs `--canvases` canvases of `--steps`
 fixed decoder passes (adaptive stop off, no EOS), so batched and sequential runs do the same work. The
@@ -39,23 +40,31 @@ from mlx_diffusiongemma.generate import vocab_passes
 from mlx_diffusiongemma.noise import MLXNoise
 
 
-def sequential(model, drafter, prompt_tokens: int, canvases: int, n: int) -> list[float]:
-    """Seconds each of `n` requests takes alone through the unbatched loop, one after another."""
+def prompt_lengths(args, n: int) -> list[int]:
+    """Every prompt `--prompt-tokens` long, or with `--mixed` spread from half to 1.5x that (padded rows)."""
+    if not args.mixed:
+        return [args.prompt_tokens] * n
+    return [max(1, round(args.prompt_tokens * (0.5 + (i % 4) / 3))) for i in range(n)]
+
+
+def sequential(model, drafter, lengths: list[int], canvases: int) -> list[float]:
+    """Seconds each request takes alone through the unbatched loop, one after another."""
     out = []
-    for i in range(n):
+    for i, length in enumerate(lengths):
         tic = time.perf_counter()
-        run_once(model, drafter, prompt_tokens, canvases, seed=1000 + i)
+        run_once(model, drafter, length, canvases, seed=1000 + i)
         out.append(time.perf_counter() - tic)
     return out
 
 
-def pass_split(model, drafter, prompt_tokens: int, batch: int, repeat: int = 3) -> tuple[float, float]:
+def pass_split(model, drafter, lengths: list[int], repeat: int = 3) -> tuple[float, float]:
     """Median ms of one batched decoder forward pass and of the sampler's vocabulary pass over its logits."""
     engine = BatchDenoiser(model, drafter, eos_ids=[], pad_id=None)
     rng = np.random.default_rng(0)
     C, V = model.args.canvas_length, model.args.vocab_size
-    for i in range(batch):
-        engine.submit(rng.integers(0, V, prompt_tokens).tolist(), MLXNoise(i), C)
+    batch = len(lengths)
+    for i, length in enumerate(lengths):
+        engine.submit(rng.integers(0, V, length).tolist(), MLXNoise(i), C)
     list(engine._admit())
     canvas = mx.array(rng.integers(0, V, (batch, C)))
     stats, _ = vocab_passes()
@@ -78,18 +87,20 @@ def table(model, label: str, args) -> list[str]:
     weights = sum(v.nbytes for _, v in tree_flatten(model.parameters())) / 1e9
     run_once(model, drafter, args.prompt_tokens, 1, seed=0)  # warm-up
     batches = [int(b) for b in args.batches.split(",")]
-    alone = sequential(model, drafter, args.prompt_tokens, args.canvases, max(batches))
+    lengths = prompt_lengths(args, max(batches))
+    alone = sequential(model, drafter, lengths, args.canvases)
     lone = statistics.median(alone)
-    rows = [f"{label}: {args.prompt_tokens}-token prompts, {args.canvases} canvases x {args.steps} steps, "
+    rows = [f"{label}: prompts of {'/'.join(map(str, sorted(set(lengths))))} tokens, "
+            f"{args.canvases} canvases x {args.steps} steps, "
             f"canvas {C}; a lone request takes {lone:.2f} s",
             "  N  aggregate tok/s  vs sequential  latency s (median/max)  vs lone  step ms  forward ms  "
             "vocab ms  rest ms  rows/expert  peak GB  (weights + estimate GB)"]
     print("\n".join(rows), flush=True)
     for n in batches:
         seq_tps = n * args.canvases * C / sum(alone[:n])
-        run_batch(model, drafter, args.prompt_tokens, 1, n, seed=0)  # warm-up at this batch size
-        r = run_batch(model, drafter, args.prompt_tokens, args.canvases, n, seed=1)
-        fwd, vocab = pass_split(model, drafter, args.prompt_tokens, n)
+        run_batch(model, drafter, lengths[:n], 1, n, seed=0)  # warm-up at this batch size
+        r = run_batch(model, drafter, lengths[:n], args.canvases, n, seed=1)
+        fwd, vocab = pass_split(model, drafter, lengths[:n])
         rows.append(
             f"{n:>3}  {r.aggregate_tps:15.1f}  {r.aggregate_tps / seq_tps:12.2f}x  {r.latency_s:10.2f} / "
             f"{r.max_latency_s:6.2f}  {r.latency_s / lone:6.2f}x  {r.ms_per_step:7.1f}  {fwd:10.1f}  "
@@ -107,6 +118,8 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=100)
     parser.add_argument("--canvases", type=int, default=2)
     parser.add_argument("--steps", type=int, default=8, help="fixed decoder passes per canvas")
+    parser.add_argument("--mixed", action="store_true",
+                        help="prompts of different lengths (0.5x to 1.5x --prompt-tokens): padded rows and masks")
     args = parser.parse_args()
     print(f"batched denoising on {mx.default_device()}")
     for name in args.models.split(","):

@@ -160,15 +160,20 @@ class BatchResult:
     estimated_gb: float  # the engine's estimate for the batch (what a memory budget is checked against)
 
 
-def run_batch(model: Model, drafter, prompt_tokens: int, canvases: int, batch: int, seed: int) -> BatchResult:
-    """`batch` random prompts submitted together to the batch engine, `canvases` canvases each (no EOS)."""
+def run_batch(model: Model, drafter, prompt_tokens: int | list[int], canvases: int, batch: int,
+              seed: int) -> BatchResult:
+    """`batch` random prompts submitted together to the batch engine, `canvases` canvases each (no EOS).
+
+    `prompt_tokens` is one length for all, or one per prompt (rows of different lengths: padding and masks).
+    """
     from .batch import BatchDenoiser
 
     C, V = model.args.canvas_length, model.args.vocab_size
+    lengths = prompt_tokens if isinstance(prompt_tokens, list) else [prompt_tokens] * batch
     engine = BatchDenoiser(model, drafter, eos_ids=[], pad_id=None)
     rng = np.random.default_rng(seed)
     for i in range(batch):
-        engine.submit(rng.integers(0, V, prompt_tokens).tolist(), MLXNoise(seed * 1000 + i), canvases * C)
+        engine.submit(rng.integers(0, V, lengths[i]).tolist(), MLXNoise(seed * 1000 + i), canvases * C)
     times = {"admit": 0.0, "prefill": 0.0, "commit_pass": 0.0, "canvas": 0.0}
     latencies, passes, commit_passes, estimate = [], 0, 0, 0
     mx.reset_peak_memory()
