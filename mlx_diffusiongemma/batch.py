@@ -86,6 +86,8 @@ class BatchDenoiser:
                 f'drafter {drafter.name!r} has verify "{drafter.verify}": batches run verify "none" only '
                 '(the speculative commit is one sequence at a time); run it alone or pick a verify "none" drafter'
             )
+        if max_batch is not None and max_batch < 1:
+            raise ValueError("max_batch must be at least 1")
         self.model, self.drafter, self.eos_ids, self.pad_id = model, drafter, list(eos_ids), pad_id
         self.memory_budget, self.max_batch, self.prefill_step = memory_budget, max_batch, prefill_step
         w = model.args.sliding_window
@@ -124,17 +126,18 @@ class BatchDenoiser:
             return False
         return self.memory_budget is None or self.batch_bytes([*self.rows, row]) <= self.memory_budget
 
+    # The state is consistent at every yield, so a caller may stop iterating a step at any event.
     def _admit(self) -> Iterator[tuple[int, DenoiseEvent]]:
         while self.queue and self._fits(self.queue[0]):
-            row = self.queue.popleft()
+            row = self.queue[0]
             ids = mx.array([row.ids])
             yield row.id, DenoiseEvent("admit", ids, 0, 0)
             cache = self.model.make_cache()
             prefill(self.model, ids, cache, self.prefill_step)  # alone: exactly the unbatched prefill
-            yield row.id, DenoiseEvent("encode", ids, 0, 0)
             for batch_layer, layer in zip(self.cache, cache):
                 batch_layer.join(layer)
-            self.rows.append(row)
+            self.rows.append(self.queue.popleft())
+            yield row.id, DenoiseEvent("encode", ids, 0, 0)
 
     def _encode_pending(self) -> Iterator[tuple[int, DenoiseEvent]]:
         if not self.rows:
@@ -142,8 +145,9 @@ class BatchDenoiser:
         committed = mx.array([row.pending for row in self.rows])
         self.model.encode(committed, self.cache)
         mx.eval([c.keys for c in self.cache])
-        for r, row in enumerate(self.rows):
+        for row in self.rows:
             row.pending = None
+        for r, row in enumerate(self.rows):
             yield row.id, DenoiseEvent("encode", committed[r : r + 1], row.canvases, 0)
 
     def step(self) -> Iterator[tuple[int, DenoiseEvent]]:
@@ -159,22 +163,22 @@ class BatchDenoiser:
             pass
         committed, has_eos = sampler.finalize_eos(argmax, self.eos_ids, self.pad_id)
         mx.eval(committed, has_eos)
-        stay = []
+        events, stay = [], []
         for r, row in enumerate(self.rows):
             canvas = committed[r].tolist()
             new, hit_eos = _new_tokens(canvas, self.eos_ids, row.max_tokens - row.generated)
             row.generated += len(new)
-            event = DenoiseEvent("commit", committed[r : r + 1], row.canvases, noise.stopped_at[r] or steps,
-                                 has_eos[r : r + 1])
+            events.append((row.id, DenoiseEvent("commit", committed[r : r + 1], row.canvases,
+                                                noise.stopped_at[r] or steps, has_eos[r : r + 1])))
             row.canvases += 1
             if not (hit_eos or row.generated >= row.max_tokens):
                 row.pending = canvas
                 stay.append(r)
-            yield row.id, event
         if len(stay) < len(self.rows):
             for layer in self.cache:
                 layer.keep_rows(stay)
             self.rows = [self.rows[r] for r in stay]
+        yield from events
 
 
 class BatchGenerator:
@@ -214,6 +218,7 @@ class BatchGenerator:
     def step(self) -> Iterator[tuple[int, GenerationResponse]]:
         """One canvas for the batch: yields `(request id, response)` per row as it commits; a response with
         `finish_reason` set is the request's last."""
+        responses = []  # yielded once the step is over: a caller may stop iterating at any response
         for request, event in self.engine.step():
             progress = self.progress[request]
             progress.stats.canvas, progress.stats.step = event.canvas, event.steps
@@ -222,10 +227,10 @@ class BatchGenerator:
             elif event.kind == "encode":
                 progress.encode(event.tokens[0].tolist())
             elif event.kind == "commit":
-                response = progress.commit(event.tokens[0].tolist(), event.steps)
-                if response.finish_reason is not None:
+                responses.append((request, progress.commit(event.tokens[0].tolist(), event.steps)))
+                if responses[-1][1].finish_reason is not None:
                     del self.progress[request]
-                yield request, response
+        yield from responses
 
 
 def _per_prompt(value, count: int, name: str) -> list:

@@ -14,7 +14,7 @@ import pytest
 from checkpoints import build_checkpoint
 from figures import record
 from mlx_diffusiongemma import load, stream_generate
-from mlx_diffusiongemma.batch import BatchGenerator, MemoryBudgetError, batch_generate, request_bytes
+from mlx_diffusiongemma.batch import BatchGenerator, MemoryBudgetError, batch_generate, request_bytes, stream_batch
 from mlx_diffusiongemma.errors import DrafterConfigError
 
 # name -> (builder kwargs, generation_config changes). Stability off (0) and a confidence bound the falling
@@ -72,11 +72,11 @@ def _batched(model, tokenizer, prompts, seeds):
     seen = {"padded": False, "widest": 0}
 
     def step():
-        for request, response in batch.step():
+        responses = list(batch.step())  # one per row of this canvas
+        for request, response in responses:
             out[request].append(response)
-            # At a commit every row of this canvas is still in the batch (rows leave after the last one).
-            seen["padded"] |= any(any(c.left) for c in batch.engine.cache)
-            seen["widest"] = max(seen["widest"], len(batch.engine.rows))
+        seen["padded"] |= any(any(c.left) for c in batch.engine.cache)
+        seen["widest"] = max(seen["widest"], len(responses))
 
     step()
     late = batch.submit(prompts[-1], seed=seeds[-1], max_tokens=MAX_TOKENS[-1])
@@ -139,6 +139,20 @@ def test_batch_generate_and_speculative_refusal(tiny):
         alone = list(stream_generate(model, tokenizer, prompt, seed=seed, max_tokens=16))
         assert response.tokens == [t for r in alone for t in r.tokens]
         assert response.text == "".join(r.text for r in alone) and response.seed == seed
+    # A caller may stop reading a step early: the step still happened for every row.
+    batch = BatchGenerator(model, tokenizer)
+    requests = [batch.submit(p, seed=s, max_tokens=16) for p, s in zip(prompts, [5, 6, 7])]
+    seen = {r: [] for r in requests}
+    while not batch.idle:
+        for request, response in batch.step():
+            seen[request].append(response)
+            break
+    full = {i: [] for i in range(3)}
+    for i, response in stream_batch(model, tokenizer, prompts, seeds=[5, 6, 7], max_tokens=16):
+        full[i].append(response)
+    assert not batch.progress and sum(map(len, seen.values())) > 0
+    for i, r in enumerate(requests):
+        assert [x.tokens for x in seen[r]] == [full[i][x.canvas].tokens for x in seen[r]]
     with pytest.raises(DrafterConfigError) as err:
         batch_generate(model, tokenizer, prompts, drafter="speculative")
     assert "\n" not in str(err.value) and 'verify "none"' in str(err.value)
