@@ -46,7 +46,7 @@ def tiny(request, tmp_path_factory):
     return request.param, *load(path)
 
 
-def _prompts(model, seed):
+def _prompts(seed):
     rng = mx.random.key(1000 + seed)
     lengths = PROMPT_LENGTHS + [12]
     return [mx.random.randint(3, 512, (n,), key=mx.random.split(rng, 6)[i]).tolist() for i, n in enumerate(lengths)]
@@ -91,7 +91,7 @@ def test_batched_equals_unbatched(tiny):
     cap = model.generation_config["max_denoising_steps"]
     reasons, early_stops, canvases = [], 0, 0
     for seed in SEEDS:
-        prompts = _prompts(model, seed)
+        prompts = _prompts(seed)
         seeds = [100 * seed + i for i in range(len(prompts))]
         got, seen = _batched(model, tokenizer, prompts, seeds)
         for i, (prompt, s, m) in enumerate(zip(prompts, seeds, MAX_TOKENS)):
@@ -108,7 +108,7 @@ def test_batched_equals_unbatched(tiny):
 
 def test_memory_budget_makes_requests_wait(tiny):
     _, model, tokenizer = tiny
-    prompts = _prompts(model, 1)[:3]
+    prompts = _prompts(1)[:3]
     kv, act = request_bytes(model.args, model.dtype, max(map(len, prompts)), 24)
     budget = 2 * (kv + act)  # room for two of the three
     batch = BatchGenerator(model, tokenizer, memory_budget=budget)
@@ -133,7 +133,7 @@ def test_memory_budget_makes_requests_wait(tiny):
 
 def test_batch_generate_and_speculative_refusal(tiny):
     _, model, tokenizer = tiny
-    prompts = _prompts(model, 2)[:3]
+    prompts = _prompts(2)[:3]
     final = batch_generate(model, tokenizer, prompts, seeds=[5, 6, 7], max_tokens=16)
     for response, prompt, seed in zip(final, prompts, [5, 6, 7]):
         alone = list(stream_generate(model, tokenizer, prompt, seed=seed, max_tokens=16))
