@@ -15,7 +15,9 @@ from checkpoints import build_checkpoint
 from figures import record
 from mlx_diffusiongemma import load, stream_generate
 from mlx_diffusiongemma.batch import BatchGenerator, MemoryBudgetError, batch_generate, request_bytes, stream_batch
+from mlx_diffusiongemma.batch_cache import BatchNoise
 from mlx_diffusiongemma.errors import DrafterConfigError
+from mlx_diffusiongemma.noise import MLXNoise, NumpyNoise
 
 # name -> (builder kwargs, generation_config changes). Stability off (0) and a confidence bound the falling
 # temperature crosses mid-canvas make the adaptive stop fire on random weights (as in test_generation_parity);
@@ -156,3 +158,25 @@ def test_batch_generate_and_speculative_refusal(tiny):
     with pytest.raises(DrafterConfigError) as err:
         batch_generate(model, tokenizer, prompts, drafter="speculative")
     assert "\n" not in str(err.value) and 'verify "none"' in str(err.value)
+
+
+@pytest.mark.parametrize("kind", ["mlx", "numpy"])
+def test_batch_noise_draws_each_rows_own_stream(kind):
+    """A row's draws are what its own source gives alone; a frozen row draws nothing more."""
+    make = (lambda s: MLXNoise(s)) if kind == "mlx" else (lambda s: NumpyNoise(s))
+    probs = mx.softmax(mx.random.normal((3, 5, 40), key=mx.random.key(0)), axis=-1)
+    batch = BatchNoise([make(s) for s in (1, 2, 3)])
+    got = [batch.randint((3, 5), 40), batch.categorical(probs)]
+    batch.freeze(mx.array([False, True, False]), 1)
+    got += [batch.categorical(probs), batch.randint((3, 5), 40)]
+    for r, s in enumerate((1, 2, 3)):
+        alone = make(s)
+        want = [alone.randint((1, 5), 40), alone.categorical(probs[r : r + 1])]
+        if r != 1:
+            want += [alone.categorical(probs[r : r + 1]), alone.randint((1, 5), 40)]
+        assert [g[r].tolist() for g in got[: len(want)]] == [w[0].tolist() for w in want]
+    assert batch.stopped_at == [None, 1, None]
+    # The frozen row's stream is where it stopped: its next draw is its own third one.
+    ref = make(2)
+    ref.randint((1, 5), 40), ref.categorical(probs[1:2])
+    assert batch.sources[1].randint((1, 5), 40).tolist() == ref.randint((1, 5), 40).tolist()
