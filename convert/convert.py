@@ -14,12 +14,12 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
 
 from mlx_diffusiongemma.errors import CheckpointError, DiffusionGemmaError
+from mlx_diffusiongemma.folders import build_folder
 
 MAX_SHARD_BYTES = 5 * 1024**3  # the usual Hub cap per safetensors file
 # Test-only hooks: a smaller shard cap, and a pause after each tensor (to interrupt a run mid-way).
@@ -95,22 +95,6 @@ def _source_dtype(headers: dict[str, dict]) -> str:
                 return name
             found = found or name
     return found or "float32"
-
-
-def install_folder(tmp: Path, dst: Path) -> None:
-    """Rename the complete folder `tmp` to `dst`; an existing `dst` is swapped out, and put back on failure."""
-    if not dst.exists():
-        os.replace(tmp, dst)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
-    os.replace(dst, old / dst.name)
-    try:
-        os.replace(tmp, dst)
-    except BaseException:
-        os.replace(old / dst.name, dst)  # put the previous folder back
-        raise
-    finally:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def copy_side_files(src: Path, dst: Path) -> None:
@@ -377,12 +361,14 @@ def _convert_into(
 
     from mlx_diffusiongemma.loader import DTYPES, check_safetensors, load_config, weight_files
     from mlx_diffusiongemma.model import Model
+    from mlx_diffusiongemma.tensors import check_layer_count, stored_shapes
 
     src_config, args = load_config(src)
     if src_config.get("quantization") or src_config.get("quantization_config"):
         raise CheckpointError(f"{src} is already quantized; convert from the original bf16/fp32 checkpoint")
     files = weight_files(src)
     headers = {f: check_safetensors(f) for f in files}
+    check_layer_count(args, stored_shapes(headers)[0], src)  # before the model tree below is built
     dtype = dtype or _source_dtype(headers)
     target = DTYPES[dtype]
 
@@ -532,7 +518,7 @@ def convert(
     _check_options(dtype, quantize, q_bits, q_group_size, q_mode, q_recipe)
     dst = Path(mlx_path).expanduser().absolute()
     if dst.exists() and not force:
-        raise CheckpointError(f"{dst} already exists; pass --force (force=True) to replace it")
+        raise CheckpointError(f"{dst} already exists; pass --force to replace it, or choose another --mlx-path")
     src = resolve_path(hf_path)
     if dst.exists() and (dst.resolve() == src.resolve() or dst.resolve() in src.resolve().parents):
         raise CheckpointError(f"{dst} holds the source checkpoint; choose another output folder")
@@ -540,23 +526,17 @@ def convert(
         progress = _progress_printer()
     shard_cap = int(os.environ.get(_SHARD_ENV) or MAX_SHARD_BYTES)
 
-    try:
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    try:  # a concurrent run to `dst` makes this refuse, or with `force` wait for it and then replace its output
+        with build_folder(dst, replace=force, wait=force, hint="pass --force to replace it") as tmp:
+            _convert_into(
+                src, tmp, dtype=dtype, quantize=quantize, q_bits=q_bits, q_group_size=q_group_size,
+                q_mode=q_mode, q_recipe=q_recipe, progress=progress, shard_cap=shard_cap,
+            )
+    except (DiffusionGemmaError, KeyboardInterrupt, SystemExit):
+        raise
     except OSError as e:
-        raise CheckpointError(f"cannot create the output folder in {dst.parent} ({e.strerror or e})") from None
-    try:
-        _convert_into(
-            src, tmp, dtype=dtype, quantize=quantize, q_bits=q_bits, q_group_size=q_group_size,
-            q_mode=q_mode, q_recipe=q_recipe, progress=progress, shard_cap=shard_cap,
-        )
-        install_folder(tmp, dst)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, (DiffusionGemmaError, KeyboardInterrupt, SystemExit)):
-            raise
-        if isinstance(e, OSError):
-            raise CheckpointError(f"writing {dst} failed ({e.strerror or e}); nothing was written") from None
+        raise CheckpointError(f"writing {dst} failed ({e.strerror or e}); nothing was written") from None
+    except Exception as e:
         raise CheckpointError(
             f"converting {src} failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
             "nothing was written"

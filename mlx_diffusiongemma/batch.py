@@ -25,6 +25,7 @@ from . import sampler
 from .batch_cache import BatchLayerCache, BatchNoise
 from .drafter import DrafterConfig, resolve_drafter
 from .errors import DiffusionGemmaError, DrafterConfigError
+from .hidden import hidden_token_ids
 from .generate import (
     PREFILL_STEP, DenoiseEvent, GenerationResponse, Progress, _eos_ids, _new_tokens, _pad_id, denoise_canvas,
     prefill, prompt_to_ids,
@@ -194,6 +195,7 @@ class BatchGenerator:
             drafter = resolve_drafter(drafter, getattr(model, "generation_config", None), model.args.canvas_length)
         self.model, self.tokenizer, self.drafter = model, tokenizer, drafter
         self.eos = _eos_ids(model, tokenizer)
+        self.hidden = hidden_token_ids(model, tokenizer)
         self.engine = BatchDenoiser(model, drafter, self.eos, _pad_id(model), memory_budget=memory_budget,
                                     max_batch=max_batch, prefill_step=prefill_step)
         self.progress: dict[int, Progress] = {}
@@ -207,7 +209,8 @@ class BatchGenerator:
         ids = prompt_to_ids(self.tokenizer, prompt, chat_template, chat_template_kwargs)
         request = self.engine.submit(ids, MLXNoise(seed), max_tokens)
         stats = GenerationResponse(prompt_tokens=len(ids), drafter=self.drafter.name, seed=seed)
-        self.progress[request] = Progress(stats, time.perf_counter(), self.tokenizer.detokenizer, self.eos, max_tokens)
+        self.progress[request] = Progress(stats, time.perf_counter(), self.tokenizer.detokenizer, self.eos, max_tokens,
+                                           self.hidden)
         return request
 
     @property

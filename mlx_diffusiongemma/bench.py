@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 
@@ -15,9 +16,12 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .errors import DiffusionGemmaError, UsageError
+from mlx.utils import tree_flatten
+
+from .errors import ContextLengthError, DiffusionGemmaError, UsageError
 from .generate import denoise
-from .model import Model, ModelArgs
+from .loader import DTYPES
+from .model import SLIDING, Model, ModelArgs
 from .noise import MLXNoise
 
 _COMMON = dict(rms_norm_eps=1e-6, use_bidirectional_attention="vision")
@@ -42,55 +46,135 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def _parameter_count(args: ModelArgs) -> tuple[int, int]:
-    """(parameters in modules that quantize, other parameters) for a geometry."""
+def _parameter_count(args: ModelArgs) -> tuple[int, int, int]:
+    """Parameters of a geometry: (modules the "mixed" recipe keeps at 8 bits, modules it quantizes at the
+    requested bits, modules that never quantize)."""
     h, v = args.hidden_size, args.vocab_size
-    linear = v * h + h * args.intermediate_size * 3  # embedding (= LM head), self-conditioning MLP
+    high, low = v * h, h * args.intermediate_size * 3  # embedding (= LM head); self-conditioning MLP
     for i in range(args.num_hidden_layers):
         d, kv = args.geometry(i)
         attn = h * args.num_attention_heads * d * 2 + h * kv * d * (2 if args.layer_types[i] != "full_attention" else 1)
-        linear += attn + 3 * h * args.intermediate_size + h * args.num_experts
-        linear += args.num_experts * 3 * h * args.moe_intermediate_size
-    return linear, args.num_hidden_layers * (8 * h + args.num_experts + 4 * 256)
+        high += attn + 3 * h * args.intermediate_size + h * args.num_experts
+        low += args.num_experts * 3 * h * args.moe_intermediate_size
+    return high, low, args.num_hidden_layers * (8 * h + args.num_experts + 4 * 256)
 
 
 def estimated_bytes(args: ModelArgs, dtype: mx.Dtype, q_bits: int | None) -> int:
-    """Weight memory of a geometry: quantized modules at `q_bits` (+ one scale and bias per 64 weights)."""
-    linear, other = _parameter_count(args)
+    """Weight memory of a geometry: with `q_bits`, the "mixed" recipe `bench` builds (experts and
+    self-conditioning at `q_bits`, the rest at 8 bits; one scale and bias per 64 weights)."""
+    high, low, other = _parameter_count(args)
     width = dtype.size
-    per_weight = q_bits / 8 + 2 * width / 64 if q_bits else width
-    return int(linear * per_weight + other * width)
+    if not q_bits:
+        return (high + low + other) * width
+    return int(high * (1 + 2 * width / 64) + low * (q_bits / 8 + 2 * width / 64) + other * width)
 
 
-def _system_memory() -> int:
+# Copies of the [canvas, vocab] fp32 logits alive at once in a denoising step: the decoder's output, the
+# vocabulary pass's buffers (scaled, exponentiated, self-conditioning probabilities) and the noise draw's.
+LOGIT_COPIES = 6
+MEMORY_FRACTION = 0.9  # the margin: an estimate above this share of the available memory is refused
+
+
+def available_memory() -> int:
+    """Memory a run may use: Metal's recommended working set, else the OS's available memory (Linux
+    `MemAvailable`), else the physical memory."""
     if mx.metal.is_available():
-        return int(mx.metal.device_info()["memory_size"])
+        info = mx.device_info() if hasattr(mx, "device_info") else mx.metal.device_info()
+        return int(info["max_recommended_working_set_size"])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def random_model(preset: str, dtype: str = "bfloat16", q_bits: int | None = None) -> Model:
-    """A model of a preset geometry with random weights, built and evaluated layer by layer."""
+def activation_bytes(args: ModelArgs, dtype: mx.Dtype, prompt_tokens: int, canvases: int) -> int:
+    """Peak memory of a run besides the weights: the KV cache at its longest, the fp32 [canvas, vocab] logits
+    and their copies, and one layer's attention scores and FFN activations at the widest pass (the prefill
+    chunk or the canvas)."""
+    from .generate import PREFILL_STEP
+
+    C, h = args.canvas_length, args.hidden_size
+    total = prompt_tokens + canvases * C
+    width = max(min(prompt_tokens, PREFILL_STEP), C)  # tokens in the widest pass
+    kv, scores = 0, 0
+    for i in range(args.num_hidden_layers):
+        d, heads = args.geometry(i)
+        kept = min(total, args.sliding_window) if args.layer_types[i] == SLIDING else total
+        kv += 2 * heads * d * (kept + C + 256) * dtype.size  # buffers grow in steps of 256 positions
+        scores = max(scores, 2 * args.num_attention_heads * width * (kept + width) * 4)  # scores and softmax
+    ffn = width * (args.top_k_experts * (3 * args.moe_intermediate_size + h) + 3 * args.intermediate_size + 8 * h) * 4
+    logits = LOGIT_COPIES * C * args.vocab_size * 4
+    return kv + scores + ffn + logits
+
+
+def build_bytes(args: ModelArgs, dtype: mx.Dtype, q_bits: int | None) -> int:
+    """Peak memory while random weights are built a module at a time, each tensor drawn in fp32 and cast: the
+    embedding first (alone), then every layer's largest tensor on top of what is built by then."""
+    h, step = args.hidden_size, 4 + dtype.size
+    heads_dim = args.num_attention_heads * max(args.head_dim, args.global_head_dim)
+    in_layer = max(args.num_experts * 2 * args.moe_intermediate_size * h, h * args.intermediate_size, h * heads_dim)
+    return max(args.vocab_size * h * step, estimated_bytes(args, dtype, q_bits) + in_layer * step)
+
+
+def check_memory(what: str, need: int, detail: str, hint: str) -> None:
+    """Refuse, in one line, a run whose estimated peak memory does not fit in the available memory with a
+    margin (`MEMORY_FRACTION`)."""
+    have = available_memory()
+    if need > MEMORY_FRACTION * have:
+        raise DiffusionGemmaError(
+            f"{what} needs about {need / 2**30:.1f} GiB ({detail}) but this machine has {have / 2**30:.1f} GiB "
+            f"available, and runs keep a {1 - MEMORY_FRACTION:.0%} margin; {hint}"
+        )
+
+
+def check_bench_context(args: ModelArgs, prompt_tokens: int, canvases: int) -> None:
+    """Refuse a prompt and canvases that run past the model's context (positions beyond it are untrained)."""
+    need = prompt_tokens + canvases * args.canvas_length
+    if need > args.max_position_embeddings:
+        raise ContextLengthError(
+            f"--prompt-tokens {prompt_tokens} and --canvases {canvases} of {args.canvas_length} tokens need {need} "
+            f"positions, more than the model's context of {args.max_position_embeddings}; lower --prompt-tokens "
+            "or --canvases"
+        )
+
+
+def preset_args(preset: str) -> ModelArgs:
     if preset not in PRESETS:
         raise DiffusionGemmaError(f"unknown --random preset {preset!r}; use one of {', '.join(PRESETS)}")
-    args = ModelArgs(**PRESETS[preset], **_COMMON)
-    target = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}[dtype]
-    need, have = estimated_bytes(args, target, q_bits), _system_memory()
-    if need > 0.75 * have:
-        raise DiffusionGemmaError(
-            f"--random {preset} needs about {need / 2**30:.0f} GiB for weights ({dtype}"
-            f"{f', {q_bits}-bit' if q_bits else ''}) but this machine has {have / 2**30:.0f} GiB; "
-            "use --q-bits 4 or a smaller preset"
-        )
+    return ModelArgs(**PRESETS[preset], **_COMMON)
+
+
+def random_model(preset: str, dtype: str = "bfloat16", q_bits: int | None = None) -> Model:
+    """A model of a preset geometry with random weights, built and evaluated module by module (a progress bar
+    on stderr); refused first when the weights cannot be built in the available memory."""
+    args, target = preset_args(preset), DTYPES[dtype]
+    weights = estimated_bytes(args, target, q_bits)
+    check_memory(f"bench --random {preset} ({dtype}{f', {q_bits}-bit' if q_bits else ''})",
+                 build_bytes(args, target, q_bits), f"{weights / 2**30:.1f} GiB of weights, built a module at a time",
+                 "use a smaller preset" if q_bits else "use --q-bits 4 or a smaller preset")
     model = Model(args)  # random weights stay lazy until evaluated below
     model.set_dtype(target)
     if q_bits:
         nn.quantize(model, class_predicate=lambda path, m: _recipe(path, m, q_bits))
-    dec = model.model.decoder
-    for module in [dec.embed_tokens, *model.layers, dec.self_conditioning]:
-        mx.eval(module.parameters())  # one layer at a time keeps the peak near the final size
-    mx.eval(model.parameters())
+    _evaluate(model, f"building random {preset} weights")
     model.generation_config = {}
     return model
+
+
+def _evaluate(model: Model, label: str) -> None:
+    """Evaluate lazy weights one module at a time (keeping the peak near the final size), with a progress bar
+    on stderr: the full geometry takes minutes."""
+    from tqdm import tqdm
+
+    dec = model.model.decoder
+    modules = [dec.embed_tokens, *model.layers, dec.self_conditioning]
+    for module in tqdm(modules, desc=label, unit="module", leave=False, file=sys.stderr, mininterval=0.5):
+        mx.eval(module.parameters())
+    mx.eval(model.parameters())
 
 
 def _recipe(path: str, module: nn.Module, bits: int):
@@ -109,8 +193,9 @@ class BenchResult:
     ms_per_commit: float
     ms_per_canvas: float
     decode_tps: float
-    steps: int
-    tokens_per_canvas: float
+    steps_per_canvas: float  # decoder passes per canvas (mean over the run's canvases)
+    decoder_passes: int  # in the whole run: canvases x steps per canvas
+    tokens_per_canvas: float  # committed tokens per canvas (verify "ar": what each verify accepted)
     peak_memory_gb: float
 
 
@@ -141,7 +226,8 @@ def run_once(model: Model, drafter, prompt_tokens: int, canvases: int, seed: int
         ms_per_commit=1000 * statistics.median(commit_s) if commit_s else float("nan"),
         ms_per_canvas=1000 * statistics.median(times["commit"]),
         decode_tps=committed / sum(times["commit"]),
-        steps=len(times["draft"]),
+        steps_per_canvas=len(times["draft"]) / len(times["commit"]),
+        decoder_passes=len(times["draft"]),
         tokens_per_canvas=committed / len(times["commit"]),
         peak_memory_gb=mx.get_peak_memory() / 1e9,
     )
@@ -255,6 +341,14 @@ def format_batch_report(summary: dict[str, dict[str, float]], label: str) -> str
     ])
 
 
+def _check_run_memory(args: ModelArgs, dtype, weights: int, prompt_tokens: int, canvases: int, what: str,
+                      hint: str) -> None:
+    act = activation_bytes(args, dtype, prompt_tokens, canvases)
+    check_memory(f"bench {what}", weights + act,
+                 f"{weights / 2**30:.1f} GiB of weights + {act / 2**30:.1f} GiB for the KV cache, logits and "
+                 "activations", f"{hint}, or fewer --prompt-tokens or --canvases")
+
+
 def bench(
     model_path: str | None, random: str | None, dtype: str | None, q_bits: int | None, prompt_tokens: int,
     canvases: int, steps: int | None, drafter: str, repeat: int, as_json: bool, adapter_path: str | None = None,
@@ -268,20 +362,37 @@ def bench(
 
     if (model_path is None) == (random is None):
         raise DiffusionGemmaError("pass exactly one of --model PATH and --random PRESET")
+    for flag, value in (("--canvases", canvases), ("--repeat", repeat), ("--prompt-tokens", prompt_tokens)):
+        if value < 1:
+            raise UsageError(f"{flag} must be at least 1 (got {value})")
+    if steps is not None and steps < 0:
+        raise UsageError(f"--steps must be 0 (the drafter's own rules) or more (got {steps})")
     if adapter_path is not None and random is not None:
         raise UsageError("--adapter-path needs --model: adapters belong to the checkpoint they were trained on")
     if random is not None:
-        model = random_model(random, dtype or "bfloat16", q_bits)
-        label = f"random {random} ({dtype or 'bfloat16'}{f', {q_bits}-bit' if q_bits else ''})"
+        args, dtype = preset_args(random), dtype or "bfloat16"
+        if dtype not in DTYPES:
+            raise UsageError(f"unknown --dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+        check_bench_context(args, prompt_tokens, canvases)
+        label = f"random {random} ({dtype}{f', {q_bits}-bit' if q_bits else ''})"
+        weights = estimated_bytes(args, DTYPES[dtype], q_bits)
+        _check_run_memory(args, DTYPES[dtype], weights, prompt_tokens, canvases, f"--{label}",
+                          "use a smaller preset" if q_bits else "use --q-bits 4 or a smaller preset")
+        model = random_model(random, dtype, q_bits)
     else:
         from .loader import load_model, resolve_path
 
-        model, label = load_model(resolve_path(model_path), dtype=dtype), model_path
+        model, label = load_model(resolve_path(model_path), dtype=dtype, lazy=True), model_path
+        check_bench_context(model.args, prompt_tokens, canvases)
         if adapter_path is not None:
             from .lora import load_adapters
 
             config = load_adapters(model, adapter_path)
             label += f" + LoRA rank {config['rank']} from {adapter_path}"
+        weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))  # lazy: nothing read yet
+        _check_run_memory(model.args, model.dtype, weights, prompt_tokens, canvases, model_path,
+                          "use a quantized conversion (`convert -q`)")
+        _evaluate(model, f"loading {model_path}")
     overrides = {"max_denoising_steps": steps, "adaptive_stop": False} if steps else None
     config = resolve_drafter(drafter, model.generation_config, model.args.canvas_length, overrides)
     if batch > 1:
@@ -289,10 +400,11 @@ def bench(
     run_once(model, config, prompt_tokens, 1, seed=0)  # warm-up: compilation and allocation
     results = [run_once(model, config, prompt_tokens, canvases, seed=i) for i in range(repeat)]
     summary = summarize(results)
-    label += f", {prompt_tokens}-token prompt, {canvases} canvases x {results[0].steps // canvases} steps, " \
-             f"drafter {config.name}, {mx.default_device()}"
+    label += f", {prompt_tokens}-token prompt, {canvases} canvases x {summary['steps_per_canvas']['median']:g} " \
+             f"steps, drafter {config.name}, {mx.default_device()}"
     if as_json:
-        return json.dumps({"label": label, **summary}, indent=2)
+        return json.dumps({"label": label, "prompt_tokens": prompt_tokens, "canvases_per_run": canvases,
+                           **summary}, indent=2)
     return format_report(summary, label)
 
 

@@ -13,10 +13,14 @@ Ctrl-C or Ctrl-D at the prompt ends the session (exit status 0).
 
 from __future__ import annotations
 
+import math
 import sys
 
-from .console import check_context, make_output, parse_template_config, print_stats, reply_length, stream_reply
-from .errors import ContextLengthError, UsageError
+from .console import (
+    check_context, check_text, lenient_stdin, make_output, parse_template_config, print_stats, reply_length,
+    stream_reply,
+)
+from .errors import ChatTemplateError, ContextLengthError, UsageError
 
 HELP = """\
 Commands:
@@ -35,6 +39,9 @@ def run_chat(
     live: bool = True, verbose: bool = False, adapter_path: str | None = None,
 ) -> None:
     template_kwargs = parse_template_config(chat_template_config)
+    if system_prompt is not None:
+        check_text(system_prompt, "--system-prompt")
+    lenient_stdin()
     if max_tokens is not None and max_tokens < 1:
         raise UsageError(f"--max-tokens must be at least 1 (got {max_tokens})")
     interactive = _isatty(sys.stdin)
@@ -50,9 +57,12 @@ def run_chat(
 
     m, tokenizer = load(model, dtype=dtype, adapter_path=adapter_path)
     config = resolve_drafter(drafter, getattr(m, "generation_config", None), m.args.canvas_length)
+    opening = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    if max_tokens is not None:  # refused now, not at every message
+        first = prompt_to_ids(tokenizer, [*opening, {"role": "user", "content": ""}], True, template_kwargs)
+        _reply_length(str(max_tokens), len(first), m.args.max_position_embeddings, config.canvas_length, "--max-tokens")
     max_tokens = reply_length(m, max_tokens)
     out = make_output(m, tokenizer, live)
-    opening = [{"role": "system", "content": system_prompt}] if system_prompt else []
     history = list(opening)
     cache = PromptCache()
     noise = None if seed is None else MLXNoise(seed)  # one random stream for the session: reproducible
@@ -69,6 +79,11 @@ def run_chat(
             return
         if line is None:
             return
+        try:
+            check_text(line, "this message")
+        except UsageError as e:  # the session goes on
+            _note(f"error: {e}")
+            continue
         text = line.strip()
         if not text:
             continue
@@ -85,12 +100,12 @@ def run_chat(
             elif command == "/max-tokens":
                 if arg.strip():
                     try:
-                        value = int(arg)
-                        if value < 1:
-                            raise ValueError
-                        max_tokens = value
-                    except ValueError:
-                        _note(f"error: /max-tokens takes a positive whole number (got {arg.strip()!r})")
+                        prompt = prompt_to_ids(tokenizer, [*history, {"role": "user", "content": ""}], True,
+                                               template_kwargs)
+                        max_tokens = _reply_length(arg.strip(), len(prompt), m.args.max_position_embeddings,
+                                                   config.canvas_length)
+                    except UsageError as e:
+                        _note(f"error: {e}")
                         continue
                 _note(f"max tokens per reply: {max_tokens}")
             else:
@@ -107,7 +122,7 @@ def run_chat(
                 m, tokenizer, ids, out, max_tokens=max_tokens, drafter=config, seed=seed, noise=noise,
                 prompt_cache=cache,
             )
-        except ContextLengthError as e:
+        except (ContextLengthError, ChatTemplateError) as e:  # this message cannot be answered; the session goes on
             del history[before:]
             _note(f"error: {e}")
             continue
@@ -122,6 +137,25 @@ def run_chat(
         history.append({"role": "assistant", "content": reply})
         if verbose and last is not None:
             print_stats(last, chat_turn=turn)
+
+
+def _reply_length(arg: str, prompt_tokens: int, context: int, canvas: int, name: str = "/max-tokens") -> int:
+    """`/max-tokens ARG`, checked now rather than refused at every message: a positive whole number whose
+    canvases fit in the context after the conversation so far (`prompt_tokens`, an empty next message included)."""
+    try:
+        value = int(arg)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise UsageError(f"{name} takes a positive whole number (got {arg!r})")
+    fits = (context - prompt_tokens) // canvas * canvas
+    if math.ceil(value / canvas) * canvas > fits:
+        room = f"at most {fits} fits now" if fits > 0 else "/reset starts a new conversation"
+        raise UsageError(
+            f"{name} {value} needs {math.ceil(value / canvas)} canvases of {canvas} after the conversation's "
+            f"{prompt_tokens} tokens, more than the model's context of {context}; {room}"
+        )
+    return value
 
 
 def _read_line() -> str | None:

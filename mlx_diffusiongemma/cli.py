@@ -15,6 +15,10 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Plain click help: paragraphs re-wrapped to the terminal (not the source's line breaks), flags without a
+    # type column; 100 columns keeps the long defaults (the repo id) on one line.
+    rich_markup_mode=None,
+    context_settings={"max_content_width": 100},
 )
 _DEBUG = "--debug" in sys.argv
 
@@ -40,7 +44,7 @@ def info(
     model: str = typer.Option(..., "--model", "-m", help="Checkpoint folder or Hugging Face repo id."),
     dtype: Optional[str] = typer.Option(None, help="float32, bfloat16 or float16 (default: the checkpoint's)."),
 ):
-    """Load a checkpoint and print its geometry, dtype and size (checks that it is complete)."""
+    """Load a checkpoint and print its geometry, context, dtype, quantization and size (checks it is complete)."""
     from mlx.utils import tree_flatten
 
     from .loader import load
@@ -51,8 +55,24 @@ def info(
     typer.echo(
         f"layers {a.num_hidden_layers} ({a.layer_types.count('full_attention')} full), hidden {a.hidden_size}, "
         f"experts {a.num_experts} top-{a.top_k_experts}, vocab {a.vocab_size}, canvas {a.canvas_length}, "
-        f"dtype {m.model.decoder.norm.weight.dtype}, stored elements {params:,}, eos {tokenizer.eos_token_ids}"
+        f"context {a.max_position_embeddings}, dtype {str(m.model.decoder.norm.weight.dtype).split('.')[-1]}, "
+        f"{_quantization(m)}, stored elements {params:,}, eos {sorted(tokenizer.eos_token_ids)}"
     )
+
+
+def _quantization(model) -> str:
+    """What the loaded modules hold: "not quantized", or each (bits, group size, mode) with its module count."""
+    from collections import Counter
+
+    kinds = Counter(
+        (m.bits, m.group_size, getattr(m, "mode", "affine"))
+        for _, m in model.named_modules() if hasattr(m, "bits") and hasattr(m, "group_size")
+    )
+    if not kinds:
+        return "not quantized"
+    parts = [f"{bits}-bit {mode} group {group} ({n} module{'s' * (n > 1)})"
+             for (bits, group, mode), n in sorted(kinds.items())]
+    return "quantized " + ", ".join(parts)
 
 
 DEFAULT_MODEL = "mlx-community/diffusiongemma-26B-A4B-it-4bit"
@@ -69,6 +89,15 @@ _TEMPLATE_CONFIG_HELP = (
 )
 
 
+def _seed(value: Optional[int]) -> Optional[int]:
+    """--seed is checked before the model loads (MLX keys on 0 to 2**64 - 1)."""
+    if value is not None:
+        from .noise import check_seed
+
+        check_seed(value, "--seed")
+    return value
+
+
 @app.command()
 def generate(
     model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help=_MODEL_HELP),
@@ -81,7 +110,7 @@ def generate(
         "checkpoint's max_new_tokens, else 256)."
     ),
     seed: Optional[int] = typer.Option(
-        None, "--seed", help="Random seed (default: a fresh one, printed with --verbose)."
+        None, "--seed", help="Random seed (default: a fresh one, printed with --verbose).", callback=_seed
     ),
     drafter: str = typer.Option("reference", "--drafter", help="Drafter preset (reference, fast) or a JSON file."),
     ignore_chat_template: bool = typer.Option(
@@ -116,7 +145,8 @@ def chat(
         "max_new_tokens, else 256)."
     ),
     seed: Optional[int] = typer.Option(
-        None, "--seed", help="Seed for the whole session (default: a fresh one per reply, printed with --verbose)."
+        None, "--seed", help="Seed for the whole session (default: a fresh one per reply, printed with --verbose).",
+        callback=_seed,
     ),
     drafter: str = typer.Option("reference", "--drafter", help="Drafter preset (reference, fast) or a JSON file."),
     chat_template_config: Optional[str] = typer.Option(None, "--chat-template-config", help=_TEMPLATE_CONFIG_HELP),
@@ -223,7 +253,9 @@ def bench(
     """Time prefill, decoder steps, commit passes and whole canvases (median, min, max over repeats).
 
     `--random full --q-bits 4` is the released 26B geometry at the community 4-bit mix: about 15 GB of
-    weights, so a Mac with 24 GB or more.
+    weights and 17 GiB at its peak, so a Mac with 32 GB or more. A run whose estimated memory (weights, KV
+    cache, logits, activations) does not fit, or whose prompt and canvases exceed the model's context, is
+    refused before anything is built.
     """
     from .bench import bench as run_bench
 
@@ -302,9 +334,24 @@ def fuse(
     typer.echo(f"wrote {run_fuse(model, adapter_path, save_path, dequantize=dequantize)}")
 
 
+def _null_for_closed_streams() -> None:
+    """A closed standard stream (`>&-`) becomes /dev/null: writes go nowhere instead of failing, and its file
+    descriptor is not handed to the next file this process opens (where stray writes would corrupt it)."""
+    import os
+
+    for fd, name, mode in ((0, "stdin", "r"), (1, "stdout", "w"), (2, "stderr", "w")):
+        if getattr(sys, name) is None:
+            null = os.open(os.devnull, os.O_RDONLY if mode == "r" else os.O_WRONLY)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+            setattr(sys, name, open(fd, mode, closefd=False))
+
+
 def main() -> None:
     from .errors import DiffusionGemmaError
 
+    _null_for_closed_streams()
     try:
         app()
     except DiffusionGemmaError as e:

@@ -16,6 +16,14 @@ from .live import TerminalOutput
 DEFAULT_MAX_TOKENS = 256
 
 
+# apply_chat_template's own arguments: the runner sets them (or they change what it returns), so a template
+# variable of the same name would clash with them.
+RESERVED_TEMPLATE_KEYS = (
+    "messages", "conversation", "tokenize", "add_generation_prompt", "continue_final_message", "return_dict",
+    "return_tensors", "return_assistant_tokens_mask", "tokenizer_kwargs", "padding", "truncation", "max_length",
+)
+
+
 def parse_template_config(value: str | None) -> dict[str, Any] | None:
     """`--chat-template-config`: a JSON object of extra chat template variables (None when not given)."""
     if value is None:
@@ -27,6 +35,11 @@ def parse_template_config(value: str | None) -> dict[str, Any] | None:
         raise UsageError(f"--chat-template-config is not valid JSON ({e.msg} at column {e.colno}); {example}") from None
     if not isinstance(config, dict):
         raise UsageError(f"--chat-template-config must be a JSON object, {example}")
+    reserved = [key for key in config if key in RESERVED_TEMPLATE_KEYS]
+    if reserved:
+        raise UsageError(f"--chat-template-config: {reserved[0]!r} is set by the runner, not a chat template "
+                         f"variable; drop it ({example})")
+    check_text(json.dumps(config, ensure_ascii=False), "--chat-template-config")  # raw bytes or "\\udcff"
     return config
 
 
@@ -60,8 +73,10 @@ def reply_length(model, max_tokens: int | None) -> int:
 
 def make_output(model, tokenizer, live: bool, stream=None) -> TerminalOutput:
     from .generate import _eos_ids
+    from .hidden import hidden_token_ids
 
-    return TerminalOutput(tokenizer, stream, live=live, eos_ids=_eos_ids(model, tokenizer))
+    return TerminalOutput(tokenizer, stream, live=live, eos_ids=_eos_ids(model, tokenizer),
+                          hidden_ids=hidden_token_ids(model, tokenizer))
 
 
 def stream_reply(model, tokenizer, ids: list[int], out: TerminalOutput, *, max_tokens: int, drafter, seed=None,
@@ -134,7 +149,11 @@ def run_generate(
         raise UsageError("--chat-template-config needs the chat template (drop --ignore-chat-template)")
     if max_tokens is not None and max_tokens < 1:
         raise UsageError(f"--max-tokens must be at least 1 (got {max_tokens})")
-    text = sys.stdin.read() if prompt == "-" else prompt
+    if prompt == "-":
+        lenient_stdin()
+    text = check_text(sys.stdin.read() if prompt == "-" else prompt, "the prompt")
+    if system_prompt is not None:
+        check_text(system_prompt, "--system-prompt")
 
     from .drafter import resolve_drafter
     from .generate import prompt_to_ids
@@ -156,3 +175,21 @@ def run_generate(
     out.newline()
     if verbose and last is not None:
         print_stats(last)
+
+
+def lenient_stdin() -> None:
+    """Decode standard input keeping undecodable bytes (as lone surrogates, as Python does for argv), so that
+    `check_text` reports them in one line instead of a UnicodeDecodeError."""
+    if hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="surrogateescape")
+
+
+def check_text(text: str, what: str) -> str:
+    """`text` if it is valid UTF-8, else a `UsageError` naming the first undecodable byte."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        code = ord(text[e.start])
+        bad = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"U+{code:04X}"
+        raise UsageError(f"{what} is not valid UTF-8 ({bad} at character {e.start + 1}); pass UTF-8 text") from None
+    return text

@@ -22,6 +22,8 @@ PRESETS_PACKAGE = "mlx_diffusiongemma.drafter_configs"
 DEFAULT_PRESET = "reference"
 ACCEPTANCE_RULES = ("entropy_bound", "confidence")
 VERIFY_POLICIES = ("none", "ar")
+# Passes per canvas: 21x the released 48, far past where the adaptive stop ends a canvas; more is a typo.
+MAX_DENOISING_STEPS = 1024
 
 # transformers' DiffusionGemmaGenerationConfig global defaults, used where the checkpoint leaves a value unset.
 REFERENCE_DEFAULTS: dict[str, Any] = {
@@ -80,11 +82,13 @@ def _boolean(value: Any) -> bool:
     return value
 
 
-def _integer(minimum: int) -> Callable[[Any], int]:
+def _integer(minimum: int, maximum: int | None = None) -> Callable[[Any], int]:
     def check(value: Any) -> int:
         # bool is a subclass of int in Python; `true` for a step count is a typo, not 1.
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise _Invalid(f"an integer >= {minimum}")
+            raise _Invalid(f"an integer >= {minimum}" if maximum is None else f"an integer from {minimum} to {maximum}")
+        if maximum is not None and value > maximum:
+            raise _Invalid(f"an integer from {minimum} to {maximum}")
         return value
 
     return check
@@ -117,7 +121,7 @@ _SCHEMA: dict[str, tuple[Callable[[Any], Any], bool, Any]] = {
     "name": (_string, False, None),
     "description": (_text, False, ""),
     "canvas_length": (_integer(1), True, None),
-    "max_denoising_steps": (_integer(1), True, None),
+    "max_denoising_steps": (_integer(1, MAX_DENOISING_STEPS), True, None),
     "acceptance": (_choice(*ACCEPTANCE_RULES), True, None),
     "entropy_bound": (_number("a number > 0", lambda v: v > 0), True, None),
     "confidence_accept_threshold": (_number("a number in (0, 1]", lambda v: 0 < v <= 1), True, None),

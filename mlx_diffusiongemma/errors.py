@@ -19,3 +19,7 @@ class UsageError(DiffusionGemmaError):
 
 class ContextLengthError(DiffusionGemmaError):
     """The prompt and the canvases asked for do not fit in the model's context."""
+
+
+class ChatTemplateError(CheckpointError):
+    """A checkpoint's chat template is missing, fails to render, or breaks the template sandbox."""

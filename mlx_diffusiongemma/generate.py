@@ -20,8 +20,9 @@ from mlx_lm.generate import wired_limit
 from . import host, sampler, speculative
 from .cache import LayerCache, PromptCache
 from .drafter import DrafterConfig, resolve_drafter
+from .hidden import hidden_token_ids, visible
 from .model import Model
-from .noise import MLXNoise, NoiseSource
+from .noise import MLXNoise, NoiseSource, check_seed
 from .parallel import per_position
 
 PREFILL_STEP = 2048
@@ -262,12 +263,10 @@ def prompt_to_ids(tokenizer, prompt, chat_template: bool = True, chat_template_k
         return list(prompt)
     if isinstance(prompt, str) and not chat_template:
         return tokenizer.encode(prompt)
+    from .loader import apply_chat_template
+
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-    return list(
-        tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=True, **(chat_template_kwargs or {})
-        )
-    )
+    return apply_chat_template(tokenizer, messages, add_generation_prompt=True, **(chat_template_kwargs or {}))
 
 
 def _eos_ids(model: Model, tokenizer) -> list[int]:
@@ -321,7 +320,7 @@ def stream_generate(
     """
     if not isinstance(drafter, DrafterConfig):
         drafter = resolve_drafter(drafter, getattr(model, "generation_config", None), model.args.canvas_length)
-    seed = secrets.randbits(31) if seed is None else seed
+    seed = secrets.randbits(31) if seed is None else check_seed(seed)
     noise = MLXNoise(seed) if noise is None else noise
     ids = prompt_to_ids(tokenizer, prompt, chat_template, chat_template_kwargs)
     if max_tokens < 1:
@@ -345,7 +344,8 @@ def stream_generate(
         prompt_cache.layers, prompt_cache.tokens = layers, ids + encoded
 
     with wired_limit(model):  # Metal: keep the weights resident; a no-op elsewhere
-        yield from _responses(events, stats, tic, detok, eos, max_tokens, draft_preview, finished)
+        yield from _responses(events, stats, tic, detok, eos, max_tokens, draft_preview, finished,
+                              hidden_token_ids(model, tokenizer))
 
 
 class Progress:
@@ -354,8 +354,10 @@ class Progress:
     Shared by `stream_generate` and the batch engine, so a batched request reports exactly what a lone one does.
     """
 
-    def __init__(self, stats: GenerationResponse, tic: float, detok, eos: Sequence[int], max_tokens: int):
+    def __init__(self, stats: GenerationResponse, tic: float, detok, eos: Sequence[int], max_tokens: int,
+                 hidden: frozenset[int] = frozenset()):
         self.stats, self.tic, self.detok, self.eos, self.max_tokens = stats, tic, detok, eos, max_tokens
+        self.hidden = hidden  # token ids that are never text (see `hidden.py`)
         self.gen_start: float | None = None
         self.encoded: list[int] = []  # committed tokens written to the cache after the prompt
 
@@ -377,7 +379,7 @@ class Progress:
         stats.total_steps += steps
         if drafted:
             stats.accepted_per_canvas.append(len(committed))
-        new, hit_eos = _new_tokens(committed, self.eos, self.max_tokens - stats.generation_tokens)
+        new, hit_eos = _new_tokens(committed, self.eos, self.max_tokens - stats.generation_tokens, self.hidden)
         for t in new:
             detok.add_token(t)
         stats.generation_tokens += len(new)
@@ -397,9 +399,9 @@ class Progress:
         return _snapshot(self.stats, text=self.detok.last_segment)
 
 
-def _responses(events, stats, tic, detok, eos, max_tokens, draft_preview, finished):
+def _responses(events, stats, tic, detok, eos, max_tokens, draft_preview, finished, hidden=frozenset()):
     """Turn loop events into responses: detokenise, cut at EOS or `max_tokens`, keep the statistics."""
-    progress = Progress(stats, tic, detok, eos, max_tokens)
+    progress = Progress(stats, tic, detok, eos, max_tokens, hidden)
     for event in events:
         stats.canvas, stats.step = event.canvas, event.steps
         if event.kind == "encode":
@@ -419,11 +421,14 @@ def _responses(events, stats, tic, detok, eos, max_tokens, draft_preview, finish
     yield progress.end()
 
 
-def _new_tokens(canvas: list[int], eos: Sequence[int], room: int) -> tuple[list[int], bool]:
+def _new_tokens(canvas: list[int], eos: Sequence[int], room: int, hidden=frozenset()) -> tuple[list[int], bool]:
+    """The canvas's text tokens up to its first EOS, without hidden ones (pad...), at most `room` of them;
+    and whether the EOS was reached within `room`."""
     for i, t in enumerate(canvas):
         if t in eos:
-            return canvas[: min(i, room)], i <= room
-    return canvas[:room], False
+            new = visible(canvas[:i], hidden)
+            return new[:room], len(new) <= room
+    return visible(canvas, hidden)[:room], False
 
 
 def _snapshot(stats: GenerationResponse, **changes) -> GenerationResponse:

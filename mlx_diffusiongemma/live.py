@@ -72,14 +72,17 @@ class TerminalOutput:
         stream: the output stream (default stdout).
         live: show drafts; honoured only when `stream` is a terminal.
         eos_ids: a draft is shown up to its first EOS, as the commit will cut it.
+        hidden_ids: tokens never shown (pad...; see `hidden`), as the commit drops them.
     """
 
-    def __init__(self, tokenizer, stream: TextIO | None = None, *, live: bool = True, eos_ids: Iterable[int] = ()):
+    def __init__(self, tokenizer, stream: TextIO | None = None, *, live: bool = True, eos_ids: Iterable[int] = (),
+                 hidden_ids: Iterable[int] = ()):
         self.stream = stream if stream is not None else sys.stdout
         self.tty = _isatty(self.stream)
         self.live = live and self.tty and os.environ.get("TERM") != "dumb" and _can_encode(self.stream, "⏎…")
         self.tokenizer = tokenizer
         self.eos = frozenset(eos_ids)
+        self.hidden = frozenset(hidden_ids)
         self._pieces: dict[int, str] = {}
         self._prev: Sequence[int] | None = None
         self._tail = 0  # columns of committed text after the last newline
@@ -130,6 +133,8 @@ class TerminalOutput:
             t = ids[i]
             if t in self.eos:
                 break
+            if t in self.hidden:
+                continue
             piece = self._pieces.get(t)
             if piece is None:
                 piece = self._pieces[t] = self._display(t)

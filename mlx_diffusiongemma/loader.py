@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import json
+import math
 import struct
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
 
-from .errors import CheckpointError
+from .errors import ChatTemplateError, CheckpointError
 from .model import Model, ModelArgs
+from .tensors import check_shapes, quant_setting
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+MAX_HEADER_BYTES = 100_000_000  # the safetensors format's own cap on a header
+_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+                "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # What a text-only runner needs from a Hub repo: never code, never pickles.
 ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.txt"]
@@ -39,35 +44,48 @@ def resolve_path(path_or_repo: str | Path) -> Path:
     name = str(path_or_repo)
     if name.startswith((".", "/", "~")) or name.count("/") != 1:
         raise CheckpointError(f"no such folder: {name} (pass a checkpoint folder or a Hub repo id like org/name)")
-    from huggingface_hub import snapshot_download
+    from .hub import download
 
-    try:
-        return Path(snapshot_download(name, allow_patterns=ALLOW_PATTERNS))
-    except Exception as e:  # network, auth, missing repo, offline cache miss: all end the same way
-        raise CheckpointError(
-            f"could not get {name} from the Hugging Face Hub ({type(e).__name__}); check the network "
-            "and the repo id, or pass a local folder"
-        ) from None
+    return download(name, ALLOW_PATTERNS)
 
 
 def _read_json(path: Path) -> dict:
+    """A checkpoint's JSON file, which must hold an object."""
     try:
-        return json.loads(path.read_text())
+        value = json.loads(path.read_text())
     except FileNotFoundError:
         raise CheckpointError(f"{path.name} is missing from {path.parent}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path} is not valid JSON ({e}); re-download or fix it") from None
     except OSError as e:
         raise CheckpointError(f"cannot read {path} ({e.strerror}); check its permissions") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, not {type(value).__name__}; re-download or fix it")
+    return value
+
+
+def _shard_names(index: Path) -> list[str]:
+    """The shard files an index names: plain file names in its folder, never a path that leads elsewhere."""
+    weight_map = _read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index} has no weight_map object of tensor -> shard file names; re-download it")
+    names = sorted(set(weight_map.values()))
+    for name in names:
+        if name in ("", ".", "..") or "/" in name or "\\" in name or "\0" in name or Path(name).name != name:
+            raise CheckpointError(
+                f"{index} names the shard {name!r}, which is not a file name in {index.parent}; refusing to read "
+                "outside the checkpoint folder"
+            )
+    return names
 
 
 def weight_files(path: Path) -> list[Path]:
     """The safetensors files of a checkpoint, every shard named by the index checked to exist."""
     index = path / "model.safetensors.index.json"
     if index.exists():
-        names = sorted(set(_read_json(index).get("weight_map", {}).values()))
+        names = _shard_names(index)
         for name in names:
-            if not (path / name).exists():
+            if not (path / name).is_file():
                 raise CheckpointError(
                     f"shard {name} listed in {index.name} is missing from {path}; re-download the checkpoint"
                 )
@@ -83,16 +101,38 @@ def weight_files(path: Path) -> list[Path]:
     raise CheckpointError(f"no *.safetensors weights in {path}")
 
 
+def _tensor_end(file: Path, key: str, entry: Any) -> int:
+    """Where a header entry's bytes end, after checking they are exactly what its dtype and shape need."""
+    begin, stop = entry["data_offsets"]
+    shape, size = entry["shape"], _DTYPE_BYTES[entry["dtype"]]
+    if not all(isinstance(n, int) and n >= 0 for n in (begin, stop, *shape)):
+        raise ValueError("bad shape or offsets")
+    if stop - begin != math.prod(shape) * size:
+        raise CheckpointError(
+            f"tensor {key} in {file} holds {stop - begin} bytes but its shape {tuple(shape)} needs "
+            f"{math.prod(shape) * size}; re-download it"
+        )
+    return stop
+
+
 def check_safetensors(file: Path) -> dict[str, Any]:
-    """Parse a safetensors header and check the file holds every byte it promises."""
+    """Parse a safetensors header (at most the format's 100 MB, checked before it is read) and check the file
+    holds every byte it promises."""
     try:
         size = file.stat().st_size
         with open(file, "rb") as f:
             (n,) = struct.unpack("<Q", f.read(8))
+            if n > MAX_HEADER_BYTES:
+                raise CheckpointError(
+                    f"{file} claims a {n:,}-byte header, more than the {MAX_HEADER_BYTES:,} bytes safetensors "
+                    "allows; it is not a valid safetensors file, re-download it"
+                )
             if n > size - 8:
                 raise ValueError("header longer than the file")
             header = json.loads(f.read(n))
-        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        if not isinstance(header, dict):
+            raise ValueError("header is not an object")
+        end = max((_tensor_end(file, k, t) for k, t in header.items() if k != "__metadata__"), default=0)
     except (struct.error, ValueError, KeyError, TypeError, UnicodeDecodeError):
         raise CheckpointError(f"{file} is not a valid safetensors file; re-download it") from None
     except OSError as e:
@@ -121,34 +161,12 @@ def load_generation_config(path: Path, config: dict) -> dict:
 
 
 def _quantize(model: Model, qcfg: dict, weights: dict[str, mx.array]) -> None:
-    default = {"group_size": qcfg.get("group_size", 64), "bits": qcfg.get("bits", 4),
-               "mode": qcfg.get("mode", "affine")}
-
     def predicate(name: str, module: nn.Module):
         if not hasattr(module, "to_quantized") or f"{name}.scales" not in weights:
             return False
-        entry = qcfg.get(name)
-        if isinstance(entry, dict):  # a per-module override; mlx-vlm omits "mode" for affine ones
-            return {"group_size": entry.get("group_size", 64), "bits": entry["bits"],
-                    "mode": entry.get("mode", "affine")}
-        return default
+        return quant_setting(qcfg, name)
 
     nn.quantize(model, class_predicate=predicate)
-
-
-def _check_tensors(model: Model, weights: dict[str, mx.array], origin: dict[str, str], path: Path):
-    expected = dict(tree_flatten(model.parameters()))
-    for key in weights:
-        if key not in expected:
-            raise CheckpointError(f"unexpected tensor {key} in {origin.get(key, path)}: not a DiffusionGemma text weight")
-    for key, param in expected.items():
-        if key not in weights:
-            raise CheckpointError(f"tensor {key} is missing from the checkpoint in {path}")
-        if tuple(weights[key].shape) != tuple(param.shape):
-            raise CheckpointError(
-                f"tensor {key} in {origin.get(key, path)} has shape {tuple(weights[key].shape)} but config.json "
-                f"implies {tuple(param.shape)}; the config and weights do not match"
-            )
 
 
 def _target_dtype(weights: dict[str, mx.array], dtype: str | None):
@@ -163,23 +181,22 @@ def _target_dtype(weights: dict[str, mx.array], dtype: str | None):
 def load_model(path: Path, dtype: str | None = None, lazy: bool = False) -> Model:
     """Build the model from `config.json` and load its safetensors strictly (text weights only)."""
     config, args = load_config(path)
-    weights, origin = {}, {}
-    for file in weight_files(path):
-        check_safetensors(file)
+    files = weight_files(path)
+    qcfg = config.get("quantization") or config.get("quantization_config")
+    # Shapes from the headers alone first: a config that implies more than the files hold is refused unbuilt.
+    check_shapes(args, qcfg, {file: check_safetensors(file) for file in files}, path)
+    weights = {}
+    for file in files:
         try:
             tensors = mx.load(str(file))
         except Exception as e:
             raise CheckpointError(f"cannot read {file} ({e}); re-download it") from None
-        for key, value in Model.sanitize(tensors).items():
-            weights[key] = value
-            origin[key] = str(file)
+        weights.update(Model.sanitize(tensors))
     target = _target_dtype(weights, dtype)
     weights = {k: v.astype(target) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
     model = Model(args)
-    qcfg = config.get("quantization") or config.get("quantization_config")
     if qcfg:
         _quantize(model, qcfg, weights)
-    _check_tensors(model, weights, origin, path)
     model.load_weights(list(weights.items()), strict=True)
     model.generation_config = load_generation_config(path, config)
     if not lazy:
@@ -187,31 +204,27 @@ def load_model(path: Path, dtype: str | None = None, lazy: bool = False) -> Mode
     return model
 
 
-def save_checkpoint(model: Model, source: Path, dest: str | Path, config: dict) -> Path:
+def save_checkpoint(model: Model, source: Path, dest: str | Path, config: dict, *, replace: bool = False) -> Path:
     """Write `model` as a checkpoint folder `load` reads: its weights (mlx-lm's `save_model`: model.safetensors),
     `config` as config.json, and the tokenizer and generation files of the `source` folder.
 
-    The folder is built under a temporary name beside `dest` and renamed into place, so a failure or an
-    interruption leaves nothing half-written; an existing `dest` is replaced only once the new one is complete.
+    The folder is built under a temporary name beside `dest` and renamed into place (`folders.build_folder`),
+    so a failure or an interruption leaves nothing half-written; an existing `dest` is refused unless `replace`,
+    and then replaced only once the new one is complete.
     """
-    import shutil
-    import tempfile
-
     from mlx_lm.utils import save_model
 
-    from .convert.convert import copy_side_files, install_folder
+    from .convert.convert import copy_side_files
+    from .folders import build_folder, write_error
 
     dest = Path(dest).expanduser().absolute()
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     try:
-        save_model(tmp, model)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        copy_side_files(source, tmp)
-        install_folder(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with build_folder(dest, replace=replace, hint="choose a new --save-path") as tmp:
+            save_model(tmp, model)
+            (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+            copy_side_files(source, tmp)
+    except (OSError, RuntimeError) as e:  # MLX reports a failed write (a full disk) as a RuntimeError
+        raise write_error(dest, e) from None
     return dest
 
 
@@ -234,6 +247,28 @@ def load_tokenizer(path: Path, config: dict, generation_config: dict):
         return load_mlx_tokenizer(path, eos_token_ids=eos_token_ids(config, generation_config))
     except Exception as e:
         raise CheckpointError(f"cannot load the tokenizer in {path} ({type(e).__name__}: {e})") from None
+
+
+def apply_chat_template(tokenizer, messages: list[dict], **kwargs) -> list[int]:
+    """The token ids of `messages` rendered by the checkpoint's chat template (jinja, sandboxed by transformers).
+
+    Raises:
+        ChatTemplateError: one line, when there is no template or it fails, raises or hits the sandbox.
+    """
+    where = getattr(tokenizer, "name_or_path", None) or "the checkpoint"
+    if getattr(tokenizer, "has_chat_template", True) is False:
+        raise ChatTemplateError(
+            f"the tokenizer in {where} has no chat template (tokenizer_config.json or chat_template.jinja is "
+            "missing); restore it, or pass --ignore-chat-template (Python: chat_template=False)"
+        )
+    try:
+        ids = tokenizer.apply_chat_template(messages, tokenize=True, **kwargs)
+    except Exception as e:  # a template error, `raise_exception`, a sandbox violation or a Python error inside
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise ChatTemplateError(
+            f"the chat template in {where} failed ({reason}); fix the template or pass --ignore-chat-template"
+        ) from None
+    return list(ids["input_ids"] if isinstance(ids, Mapping) else ids)  # a BatchEncoding is a Mapping
 
 
 def load(path_or_repo: str | Path, *, dtype: str | None = None, lazy: bool = False,

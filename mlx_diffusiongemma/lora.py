@@ -13,7 +13,9 @@ Files (mlx-lm's names): `adapters.safetensors` holds the trainable tensors under
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
 from pathlib import Path
 
@@ -85,22 +87,61 @@ def adapter_weights(model) -> dict[str, mx.array]:
 
 def save_adapters(model, path: str | Path, config: dict, name: str = ADAPTER_FILE) -> Path:
     """Write the adapter tensors (as `name`) and `adapter_config.json` into the folder `path` (created if
-    needed). The tensors go to a temporary file renamed into place, so an interrupted save keeps the last one."""
+    needed). Both go to temporary files (named with our pid) renamed into place, so an interrupted save
+    (Ctrl-C, SIGTERM) keeps the last one and leaves nothing else; a killed save's files go at the next save."""
+    from .folders import remove_stale_files, replace_files, terminate_as_interrupt, write_error
+
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    partial = path / f".{name}.partial.safetensors"
-    mx.save_safetensors(str(partial), adapter_weights(model))
-    os.replace(partial, path / name)
-    (path / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    with terminate_as_interrupt():
+        created = not path.exists()
+        path.mkdir(parents=True, exist_ok=True)
+        remove_stale_files(path, ".partial-")
+        tensors = path / f".{name}.partial-{os.getpid()}.safetensors"  # MLX adds .safetensors if it is missing
+        settings = path / f".{CONFIG_FILE}.partial-{os.getpid()}.json"
+        try:
+            mx.save_safetensors(str(tensors), adapter_weights(model))
+            settings.write_text(json.dumps(config, indent=2) + "\n")
+            replace_files({tensors: path / name, settings: path / CONFIG_FILE})
+        except BaseException as e:
+            tensors.unlink(missing_ok=True)
+            settings.unlink(missing_ok=True)
+            if created:
+                with contextlib.suppress(OSError):
+                    path.rmdir()  # only if empty: the folder this failed save made
+            if isinstance(e, (OSError, RuntimeError)):  # MLX reports a failed write as a RuntimeError
+                raise write_error(path / name, e) from None
+            raise
     return path
+
+
+def _check_adapter_config(config, file: Path) -> dict:
+    """The adapter config, if every field `load_adapters` uses is valid; else one line naming the field."""
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{file} must hold a JSON object; re-create the adapters with finetune")
+    missing = [key for key in ("rank", "scale") if key not in config]
+    if missing:
+        raise CheckpointError(f"{file} has no {missing[0]!r}; re-create the adapters with finetune")
+    rank, scale, modules = config["rank"], config["scale"], config.get("modules", TARGETS)
+    if type(rank) is not int or rank < 1:
+        raise CheckpointError(f"{file}: 'rank' must be a whole number >= 1 (got {rank!r}); fix it or re-train")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise CheckpointError(f"{file}: 'scale' must be a finite number (got {scale!r}); fix it or re-train")
+    known = TARGETS + EXPERT_TARGETS
+    if not isinstance(modules, (list, tuple)) or not modules:
+        raise CheckpointError(f"{file}: 'modules' must be a non-empty list of {', '.join(known)}")
+    unknown = [m for m in modules if m not in known]
+    if unknown:
+        raise CheckpointError(f"{file}: unknown module {unknown[0]!r} in 'modules'; known: {', '.join(known)}")
+    return config
 
 
 def read_adapter_config(path: str | Path) -> dict:
     path = Path(path)
     try:
-        return json.loads((path / CONFIG_FILE).read_text())
+        config = json.loads((path / CONFIG_FILE).read_text())
     except (OSError, ValueError) as e:
         raise CheckpointError(f"cannot read the adapters in {path} ({e})") from None
+    return _check_adapter_config(config, path / CONFIG_FILE)
 
 
 def load_adapters(model, path: str | Path) -> dict:

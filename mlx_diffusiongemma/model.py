@@ -17,8 +17,8 @@ import mlx.nn as nn
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
 from .cache import LayerCache, cache_offset
+from .config_checks import FULL, SLIDING, check_args, check_rope
 
-SLIDING, FULL = "sliding_attention", "full_attention"
 SOFTCAP = 30.0  # a class attribute in the reference, so never configurable in practice
 _DEFAULT_ROPE = {
     SLIDING: {"rope_type": "default", "rope_theta": 10000.0},
@@ -58,6 +58,7 @@ class ModelArgs:
     def __post_init__(self):
         if self.num_global_key_value_heads is None:
             self.num_global_key_value_heads = self.num_key_value_heads
+        check_args(self)
         if self.use_bidirectional_attention == "all":
             # The reference halves the window in memory for a bidirectional encoder.
             self.encoder_causal = False
@@ -70,24 +71,38 @@ class ModelArgs:
         rope = dict(_DEFAULT_ROPE)
         rope.update(self.rope_parameters or {})
         self.rope_parameters = rope
-        if self.hidden_activation not in ("gelu_pytorch_tanh", "gelu_tanh"):
-            raise ValueError(f"unsupported hidden_activation {self.hidden_activation!r}")
+        check_rope(self.rope_parameters)
 
     @classmethod
     def from_config(cls, config: dict) -> "ModelArgs":
-        """Build from a checkpoint `config.json` (hub `global_head_dim` or `per_layer_config` layout)."""
-        text = dict(config.get("text_config", config))
-        per_layer = text.pop("per_layer_config", None) or {}
-        overrides = [v for v in per_layer.values() if isinstance(v, dict)]
+        """Build from a checkpoint `config.json` (hub `global_head_dim` or `per_layer_config` layout).
+
+        Raises ValueError or TypeError naming the field at fault.
+        """
+        if not isinstance(config, dict):
+            raise TypeError(f"the top level must be a JSON object (got {type(config).__name__})")
+        text = config.get("text_config", config)
+        if not isinstance(text, dict):
+            raise TypeError(f"text_config must be an object (got {type(text).__name__})")
+        text = dict(text)
+        per_layer = text.pop("per_layer_config", None)
+        if per_layer is not None and not isinstance(per_layer, dict):
+            raise TypeError(f"per_layer_config must be an object (got {type(per_layer).__name__})")
+        overrides = [v for v in (per_layer or {}).values() if isinstance(v, dict)]
         if overrides:
             if any(o != overrides[0] for o in overrides):
                 raise ValueError("per_layer_config entries differ between full-attention layers")
-            text.setdefault("global_head_dim", overrides[0].get("head_dim", text.get("head_dim")))
-            kv = overrides[0].get("num_key_value_heads")
-            if kv is not None:
-                text.setdefault("num_global_key_value_heads", kv)
-            elif "head_dim" in overrides[0] and "num_global_key_value_heads" not in text:
-                text["num_global_key_value_heads"] = text.get("num_key_value_heads")
+            if "head_dim" in overrides[0]:  # transformers reads per_layer_config, not global_head_dim
+                text["global_head_dim"] = overrides[0]["head_dim"]
+            text["num_global_key_value_heads"] = overrides[0].get("num_key_value_heads")
+        if per_layer is not None or ("global_head_dim" in text and text["global_head_dim"] is None):
+            # transformers >= 5.23: full layers without an override keep the sliding geometry.
+            for key, base in (("global_head_dim", "head_dim"), ("num_global_key_value_heads", "num_key_value_heads")):
+                if text.get(key) is None:
+                    text[key] = text.get(base)
+        for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            if key in text and text[key] is None:
+                del text[key]  # null: the default
         if "canvas_length" in config:
             text["canvas_length"] = config["canvas_length"]
         known = cls.__dataclass_fields__

@@ -12,6 +12,7 @@ from typing import Protocol
 import mlx.core as mx
 import numpy as np
 
+from .errors import UsageError
 from .parallel import per_position
 from .sampler import inverse_cdf_sample
 
@@ -28,11 +29,21 @@ class NoiseSource(Protocol):
         sample is never used still advances the stream, as the reference's does)."""
 
 
+MAX_SEED = 2**64 - 1  # MLX's keys are 64-bit
+
+
+def check_seed(seed, name: str = "seed") -> int:
+    """`seed` if MLX can key on it (a whole number from 0 to 2**64 - 1), else a `UsageError` saying so."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_SEED:
+        raise UsageError(f"{name} must be a whole number from 0 to {MAX_SEED} (got {seed!r})")
+    return int(seed)
+
+
 class MLXNoise:
     """The default: MLX's counter-based generator, seeded, on device (no host round trips)."""
 
     def __init__(self, seed: int):
-        self.key = mx.random.key(seed)
+        self.key = mx.random.key(check_seed(seed))
 
     def _next(self) -> mx.array:
         self.key, sub = mx.random.split(self.key)

@@ -31,8 +31,10 @@ its source; where the description is silent, the choice below is ours and says s
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -45,6 +47,7 @@ from mlx.utils import tree_flatten
 
 from .errors import UsageError
 from .model import SLIDING, Model, softcap
+from .noise import check_seed
 
 EPS = 1e-3
 
@@ -170,15 +173,20 @@ def _check_record(record) -> list[dict]:
 def read_jsonl(path: str | Path) -> list[tuple[int, list[dict]]]:
     """`(line number, chat messages)` of every record of a JSONL file (blank lines skipped); errors name the line."""
     path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"{path} is {'a folder' if path.is_dir() else 'missing'}; pass a JSONL file of records")
     records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+    with open(path, "rb") as f:  # bytes, decoded per line, so an invalid UTF-8 line is named by its number
+        for lineno, raw in enumerate(f, 1):
             try:
+                line = raw.decode("utf-8")
+                if not line.strip():
+                    continue
                 records.append((lineno, _check_record(json.loads(line))))
-            except ValueError as e:  # json.JSONDecodeError is a ValueError
+            except ValueError as e:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
                 reason = f"invalid JSON ({e.msg})" if isinstance(e, json.JSONDecodeError) else str(e)
+                if isinstance(e, UnicodeDecodeError):
+                    reason = f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1}); save it as UTF-8"
                 raise UsageError(f"{path}, line {lineno}: {reason}") from None
     if not records:
         raise UsageError(f"{path} has no training records")
@@ -270,6 +278,9 @@ def train(
         optimizer.update(model, grads)
         mx.eval(loss, model.trainable_parameters(), optimizer.state)
         history.append(loss.item())
+        if not math.isfinite(history[-1]):  # the weights are already ruined: stop before any save
+            raise UsageError(f"training stopped at iteration {it}: the loss is {history[-1]} (lower "
+                             "--learning-rate); these weights were not saved")
         elapsed += time.perf_counter() - tic
         tokens += sum(len(ids) for ids, _ in batch)
         if it % report_every == 0 or it == iters:
@@ -278,17 +289,30 @@ def train(
         if (val_every and it % val_every == 0) or it == iters:
             validate(it)
         if save is not None and save_every and it % save_every == 0 and it < iters:
+            _check_finite(model, it)
             save(it)
+    _check_finite(model, iters)
     return history
+
+
+def _check_finite(model: Model, it: int) -> None:
+    """A finite loss can still come with an update that made weights NaN or infinite: never save those."""
+    if not all(mx.isfinite(v).all().item() for _, v in tree_flatten(model.trainable_parameters())):
+        raise UsageError(f"training stopped at iteration {it}: the weights became NaN or infinite (lower "
+                         "--learning-rate); they were not saved")
 
 
 # --- the finetune command -----------------------------------------------------------------------------------
 
 
-def _check_options(full, resume, adapter_path, save_path, lora_rank, lora_scale, lora_experts, counts) -> None:
+def _check_options(full, resume, adapter_path, save_path, lora_rank, lora_scale, lora_experts, counts,
+                   learning_rate, seed) -> None:
     for name, value in counts.items():
         if value is not None and value < 1:
             raise UsageError(f"{name} must be at least 1 (got {value})")
+    check_seed(seed, "--seed")
+    if not math.isfinite(learning_rate) or learning_rate <= 0:
+        raise UsageError(f"--learning-rate must be a positive number (got {learning_rate})")
     if full:
         given = [("--resume", resume), ("--adapter-path", adapter_path), ("--lora-rank", lora_rank),
                  ("--lora-scale", lora_scale), ("--lora-experts", lora_experts)]
@@ -302,6 +326,19 @@ def _check_options(full, resume, adapter_path, save_path, lora_rank, lora_scale,
             raise UsageError(f"{save_path} already exists; choose a new --save-path")
     elif save_path is not None:
         raise UsageError("--save-path is for --full; LoRA adapters go to --adapter-path (`fuse` merges them)")
+    target, flag = (save_path, "--save-path") if full else (adapter_path or "adapters", "--adapter-path")
+    _check_writable(Path(target).expanduser().absolute(), flag)
+
+
+def _check_writable(path: Path, flag: str) -> None:
+    """Refuse before loading and training, not after, an output folder that cannot be made or written."""
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UsageError(f"{flag} {path} cannot be written: {probe} is a file; choose another folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {path} cannot be written: {probe} is not writable; choose another folder")
 
 
 def _resume_config(path: Path, rank: int | None, scale: float | None, experts: bool) -> dict:
@@ -320,13 +357,22 @@ def _resume_config(path: Path, rank: int | None, scale: float | None, experts: b
     return saved
 
 
-def _tokenized(tokenizer, records, path) -> list[tuple[list[int], int]]:
-    examples = []
+def _tokenized(tokenizer, records, path, args) -> list[tuple[list[int], int]]:
+    """Tokenize every record, refusing (naming the line) one the template rejects or the context cannot hold."""
+    examples, C = [], args.canvas_length
     for lineno, messages in records:
         try:
-            examples.append(tokenize(tokenizer, messages))
+            ids, prompt_len = tokenize(tokenizer, messages)
         except Exception as e:  # the template rejected the messages, or renders them oddly
             raise UsageError(f"{path}, line {lineno}: cannot tokenize the conversation ({e})") from None
+        blocks = math.ceil((len(ids) - prompt_len) / C)  # the response is trained as whole canvases
+        if prompt_len + blocks * C > args.max_position_embeddings:
+            raise UsageError(
+                f"{path}, line {lineno}: the conversation needs {prompt_len + blocks * C} positions (a {prompt_len}"
+                f"-token prompt and {blocks} canvases of {C}), more than the model's context of "
+                f"{args.max_position_embeddings}; shorten or drop it"
+            )
+        examples.append((ids, prompt_len))
     return examples
 
 
@@ -342,7 +388,9 @@ def _trainer(model, source: Path, *, full, resume, adapter_path, save_path, lora
                              "or an unquantized checkpoint")
         model.unfreeze()
         config, out = load_config(source)[0], Path(save_path).expanduser()
-        return "every weight", lambda it=None: save_checkpoint(model, source, out, config), out
+        saved = []  # the first save makes the folder (refused if it appeared meanwhile), later ones replace it
+        return "every weight", lambda it=None: saved.append(save_checkpoint(model, source, out, config,
+                                                                            replace=bool(saved))), out
     out = Path(adapter_path or "adapters")
     if resume:
         config = load_adapters(model, out)
@@ -361,6 +409,25 @@ def _trainer(model, source: Path, *, full, resume, adapter_path, save_path, lora
     return what, save, out
 
 
+def _holding_save_path(run):
+    """With --full, hold the --save-path lock for the whole run, so a concurrent run to it refuses at once and
+    not after training; SIGTERM then ends the run as Ctrl-C does, and nothing of it is left behind."""
+
+    @functools.wraps(run)
+    def wrapper(*args, full: bool = False, save_path: str | None = None, **kwargs):
+        if not (full and save_path):
+            return run(*args, full=full, save_path=save_path, **kwargs)
+        from .folders import target_lock, terminate_as_interrupt
+
+        path = Path(save_path).expanduser().absolute()
+        _check_writable(path, "--save-path")  # before the lock makes its parent folders
+        with terminate_as_interrupt(), target_lock(path):
+            return run(*args, full=full, save_path=save_path, **kwargs)
+
+    return wrapper
+
+
+@_holding_save_path
 def run_finetune(
     model_path: str, data: str, *, lora_rank: int | None = None, lora_scale: float | None = None,
     lora_experts: bool = False, full: bool = False, iters: int = 100, batch_size: int = 1,
@@ -374,15 +441,16 @@ def run_finetune(
 
     counts = {"--iters": iters, "--batch-size": batch_size, "--lora-rank": lora_rank, "--val-every": val_every,
               "--steps-per-report": report_every}
-    _check_options(full, resume, adapter_path, save_path, lora_rank, lora_scale, lora_experts, counts)
+    _check_options(full, resume, adapter_path, save_path, lora_rank, lora_scale, lora_experts, counts,
+                   learning_rate, seed)
     if resume:
         _resume_config(Path(adapter_path or "adapters"), lora_rank, lora_scale, lora_experts)
     records = read_jsonl(data)
     val_records = read_jsonl(val_data) if val_data is not None else None
     source = resolve_path(model_path)
     model, tokenizer = load(source)
-    examples = _tokenized(tokenizer, records, data)
-    val_examples = _tokenized(tokenizer, val_records, val_data) if val_records else None
+    examples = _tokenized(tokenizer, records, data, model.args)
+    val_examples = _tokenized(tokenizer, val_records, val_data, model.args) if val_records else None
     mx.random.seed(seed)  # the LoRA A matrices' initialisation
     what, save, out = _trainer(model, source, full=full, resume=resume, adapter_path=adapter_path,
                                save_path=save_path, lora_rank=lora_rank, lora_scale=lora_scale,

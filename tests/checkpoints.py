@@ -362,3 +362,19 @@ def load_reference(path: Path, dtype: torch.dtype | str = "float32"):
     if hasattr(model, "set_experts_implementation"):
         model.set_experts_implementation("eager")
     return model.eval()
+
+
+def decoder_logits_pair(ref, ours, prompt, canvas):
+    """(transformers, ours) decoder logits as NumPy for `canvas` after encoding `prompt` (both int arrays)."""
+    import mlx.core as mx
+    import numpy as np
+    import torch
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=ref.config.text_config)
+    with torch.no_grad():
+        ref.model.encoder(input_ids=torch.tensor(prompt), cache=cache)
+        expected = ref(cache=cache, decoder_input_ids=torch.tensor(canvas)).logits.float().numpy()
+    mcache = ours.make_cache()
+    ours.encode(mx.array(prompt), mcache)
+    return expected, np.array(ours.decode(mx.array(canvas), mcache))

@@ -195,3 +195,52 @@ def test_hub_repo_id_resolves_from_the_cache_offline(tiny_ckpt, tmp_path, monkey
                              capture_output=True, text=True, timeout=300, env={**os.environ, **env})
     assert missing.returncode == 1 and missing.stderr.count("\n") == 1
     assert "acme/absent" in missing.stderr and "local folder" in missing.stderr
+
+
+@pytest.mark.parametrize("code", [
+    # The README's snippet, then the submodule imported after and before the public name.
+    "from mlx_diffusiongemma import load, generate, stream_generate\nimport mlx_diffusiongemma.generate",
+    "import mlx_diffusiongemma.generate\nfrom mlx_diffusiongemma import load, generate, stream_generate",
+    "import mlx_diffusiongemma.toy, mlx_diffusiongemma.console\nfrom mlx_diffusiongemma import generate",
+])
+def test_public_names_stay_the_functions_however_imported(code):
+    # A fresh interpreter each time: the bug depended on which import ran first.
+    check = (
+        "\nimport mlx_diffusiongemma as p, mlx_diffusiongemma.generate as _\nimport sys, types"
+        "\nm = sys.modules['mlx_diffusiongemma.generate']"
+        "\nassert generate is p.generate is m.generate and not isinstance(generate, types.ModuleType), generate"
+        "\nassert p.stream_generate is m.stream_generate and p.GenerationResponse is m.GenerationResponse"
+        "\nfrom mlx_diffusiongemma.loader import load as real_load\nassert p.load is real_load"
+        "\nfrom mlx_diffusiongemma.generate import stream_generate, denoise  # the module stays importable"
+        "\nmodel, tokenizer = p.load('toy')"
+        "\nprint(repr(generate(model, tokenizer, 'sort 321', max_tokens=24, seed=0)))"
+    )
+    result = subprocess.run([sys.executable, "-c", code + check], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "'123'"
+
+
+def test_pad_and_control_tokens_are_never_text(tiny):
+    """The toy pads its canvas for an out-of-task prompt; pads are no text and no generated tokens."""
+    model, tokenizer = load("toy")
+    inner = tokenizer._tokenizer
+    never = {inner.pad_token_id, inner.bos_token_id, inner.unk_token_id, inner.mask_token_id}
+    responses = list(stream_generate(model, tokenizer, "What is 17 * 23?", max_tokens=24, seed=0,
+                                     draft_preview=True))
+    committed = [r.draft for r in responses if r.draft is not None][-1]
+    eos = set(tokenizer.eos_token_ids)
+    before_eos = committed[: next((i for i, t in enumerate(committed) if t in eos), len(committed))]
+    assert inner.pad_token_id in before_eos  # the case the issue met: pads before EOS
+    text = "".join(r.text for r in responses if r.draft is None)
+    tokens = [t for r in responses if r.draft is None for t in r.tokens]
+    assert "<pad>" not in text and not never & set(tokens)
+    assert responses[-1].generation_tokens == len(tokens) == len([t for t in before_eos if t not in never])
+
+    # Gemma 4's special tokens (the tiny checkpoint's tokenizer has them): pad, bos, unk, mask are hidden;
+    # thinking and tool-call markers stay text, since parsers of the reply read them.
+    from mlx_diffusiongemma.hidden import hidden_token_ids
+
+    inner = tiny[1]._tokenizer
+    roles = {inner.pad_token_id, inner.bos_token_id, inner.unk_token_id, inner.mask_token_id}
+    markers = inner.convert_tokens_to_ids(["<|channel>", "<channel|>", "<|tool_call>", "<tool_call|>"])
+    assert hidden_token_ids(*tiny) == roles and not set(markers) & roles and inner.unk_token_id not in markers

@@ -6,9 +6,13 @@ import sys
 
 import pytest
 
-from mlx_diffusiongemma.bench import PRESETS, _system_memory, estimated_bytes
+import mlx_diffusiongemma.bench as bench_module
+from mlx_diffusiongemma.bench import PRESETS, available_memory, estimated_bytes
+from mlx_diffusiongemma.errors import ContextLengthError, DiffusionGemmaError
 from mlx_diffusiongemma.model import ModelArgs
 import mlx.core as mx
+
+GiB = 2**30
 
 
 def _cli(*args):
@@ -24,7 +28,11 @@ def test_bench_random_tiny_json():
     for name in ("prefill_tps", "ms_per_step", "ms_per_commit", "ms_per_canvas", "decode_tps"):
         assert report[name]["min"] <= report[name]["median"] <= report[name]["max"]
         assert report[name]["median"] > 0
-    assert report["steps"]["median"] == 6  # 2 canvases x 3 fixed steps: adaptive stop is off
+    # 2 canvases x 3 fixed steps (adaptive stop is off), each figure named for what it counts.
+    assert "steps" not in report and report["canvases_per_run"] == 2 and report["prompt_tokens"] == 40
+    assert report["steps_per_canvas"] == {"median": 3, "min": 3, "max": 3}
+    assert report["decoder_passes"]["median"] == 6 and "2 canvases x 3 steps" in report["label"]
+    assert "building random tiny weights" in result.stderr  # progress while the weights are built
 
 
 def test_bench_batch_json():
@@ -50,9 +58,58 @@ def test_full_geometry_estimate_and_refusal():
     args = ModelArgs(**PRESETS["full"])
     bf16 = estimated_bytes(args, mx.bfloat16, None)
     assert 48e9 < bf16 < 54e9  # the released checkpoint's text weights are ~50.5 GB in bf16
-    assert estimated_bytes(args, mx.bfloat16, 4) < 16e9
-    if _system_memory() > 64 * 2**30:
+    assert 14e9 < estimated_bytes(args, mx.bfloat16, 4) < 16e9  # the community 4-bit mix is ~15 GB
+    if available_memory() > 64 * 2**30:
         pytest.skip("this machine could hold the full bf16 geometry")
     result = _cli("--random", "full", "--dtype", "bfloat16")
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1 and "GiB" in result.stderr and "--q-bits 4" in result.stderr
+
+
+class _Built(Exception):
+    """Raised instead of evaluating the random weights: the memory checks let the geometry through."""
+
+
+def _bench_random(monkeypatch, preset, available, **kw):
+    def evaluate(model, label):
+        raise _Built(label)
+
+    monkeypatch.setattr(bench_module, "available_memory", lambda: available)
+    monkeypatch.setattr(bench_module, "_evaluate", evaluate)  # never build a real geometry here
+    options = dict(dtype=None, q_bits=4, prompt_tokens=128, canvases=2, steps=16, drafter="reference", repeat=1,
+                   as_json=False)
+    options.update(kw)
+    return bench_module.bench(None, preset, **options)
+
+
+def test_memory_estimate_refuses_full_4bit_on_a_24gb_mac_and_takes_it_on_32gb(monkeypatch):
+    """A 24 GB Mac's Metal working set is ~16 GiB: the 26B geometry at 4 bits (15 GB of weights, the logits of
+    a 256 x 262144 canvas, a build step in fp32) does not fit with the margin; ~21 GiB (32 GB) does."""
+    with pytest.raises(DiffusionGemmaError) as refused:
+        _bench_random(monkeypatch, "full", 16 * GiB)
+    message = str(refused.value)
+    assert "\n" not in message and "--random full (bfloat16, 4-bit)" in message and "16.0 GiB available" in message
+    assert "GiB of weights" in message
+    with pytest.raises(_Built):
+        _bench_random(monkeypatch, "full", 21.3 * GiB)
+    with pytest.raises(_Built):
+        _bench_random(monkeypatch, "medium", 16 * GiB)
+
+
+def test_memory_estimate_counts_activations(monkeypatch):
+    """The weights of `small` take 0.02 GiB; a 100 000-token prompt's attention scores do not fit in 4 GiB."""
+    args = ModelArgs(**PRESETS["small"])
+    assert bench_module.activation_bytes(args, mx.bfloat16, 100_000, 2) > 4 * GiB
+    with pytest.raises(DiffusionGemmaError, match="for the KV cache, logits and activations"):
+        _bench_random(monkeypatch, "small", 4 * GiB, prompt_tokens=100_000)
+    with pytest.raises(_Built):
+        _bench_random(monkeypatch, "small", 4 * GiB, prompt_tokens=1000)
+
+
+def test_prompt_beyond_the_context_is_refused(monkeypatch):
+    with pytest.raises(ContextLengthError, match="context of 131072"):
+        _bench_random(monkeypatch, "tiny", 64 * GiB, prompt_tokens=200_000)
+    result = _cli("--model", "toy", "--prompt-tokens", "250", "--canvases", "2")  # the toy's context is 256
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "298 positions" in lines[0] and "context of 256" in lines[0], result.stderr

@@ -184,6 +184,44 @@ def test_error_option_conflicts_and_usage(tiny_ckpt):
     assert usage.returncode == 2 and "Traceback" not in usage.stderr and "--no-such-flag" in usage.stderr
 
 
+def test_first_run_without_the_model_says_why_how_big_and_what_works_offline(tmp_path):
+    """`chat` with an empty Hugging Face cache: offline, and with the Hub unreachable (a refused port)."""
+    base = [*CLI, "chat"]
+    runs = {
+        "offline": dict(HF_HUB_OFFLINE="1"),
+        "unreachable": dict(HF_HUB_OFFLINE="0", HF_ENDPOINT="http://127.0.0.1:9"),
+    }
+    procs = {
+        name: subprocess.Popen(base, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, cwd=ROOT, env=_env(HF_HUB_CACHE=str(tmp_path / name), **extra))
+        for name, extra in runs.items()
+    }
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=300)
+        result = subprocess.CompletedProcess(base, proc.returncode, out, err)
+        _assert_one_line_error(result, "mlx-community/diffusiongemma-26B-A4B-it-4bit is not in the Hugging Face cache",
+                               "about 16 GB", "24 GB of memory", "--model toy", "mlx-diffusiongemma demo",
+                               "work offline")
+        if name == "offline":
+            assert "HF_HUB_OFFLINE=1 forbids downloading" in err and "check the network" not in err
+        else:
+            assert "Hub cannot be reached" in err and "HF_HUB_OFFLINE" not in err
+
+
+def test_info_prints_plain_values_context_and_quantization(tmp_path):
+    from mlx_diffusiongemma.convert import convert
+
+    convert("toy", tmp_path / "toy-q", quantize=True)
+    plain, quantized = _cli_many(("info", "--model", "toy"), ("info", "--model", tmp_path / "toy-q"))
+    for result in (plain, quantized):
+        assert result.returncode == 0, result.stderr
+        assert "context 256" in result.stdout and "dtype float32" in result.stdout
+        assert "eos [1, 106]" in result.stdout and "mlx.core" not in result.stdout
+    assert "not quantized" in plain.stdout
+    assert re.search(r"quantized 4-bit affine group 64 \(\d+ modules?\), 8-bit affine group 64 \(\d+ modules?\)",
+                     quantized.stdout), quantized.stdout
+
+
 # --- help ------------------------------------------------------------------------------------------------
 
 FLAGS = {
@@ -219,9 +257,32 @@ def test_help_lists_flags_with_defaults_fast(command):
     for flag in FLAGS[command]:
         assert flag in result.stdout, (flag, result.stdout)
     if command in (("generate",), ("chat",)):
-        assert "max_new_tokens" in result.stdout and "[default: reference]" in result.stdout
-        assert "default: none" in result.stdout and "[default: live]" in result.stdout
+        words = " ".join(result.stdout.split())  # help is wrapped to the terminal
+        assert "max_new_tokens" in words and "[default: reference]" in words
+        assert "default: none" in words and "[default: live]" in words
     assert best < 1.0, f"{' '.join(command)} --help took {best:.2f} s"
+    assert "<bool>" not in result.stdout  # a flag takes no value
+    assert not _kept_source_breaks(result.stdout, command)
+
+
+def _kept_source_breaks(text: str, command: tuple) -> list[str]:
+    """Line breaks of the command's docstring and option help strings that the help text kept although the
+    next word fits on the line (help is re-wrapped to 100 columns here: COLUMNS=200, max_content_width)."""
+    import typer.main
+
+    from mlx_diffusiongemma.cli import app
+
+    cmd = typer.main.get_command(app)
+    cmd = cmd.commands[command[0]] if command else cmd
+    sources = [cmd.help or ""] + [p.help or "" for p in cmd.params]
+    lines = [line.rstrip() for line in text.splitlines()]
+    kept = []
+    for source in sources:
+        for before, after in re.findall(r"(\S+)[ \t]*\n[ \t]*(\S+)", source):
+            for line, following in zip(lines, lines[1:]):
+                if line.endswith(before) and following.lstrip().startswith(after) and len(line) + len(after) < 100:
+                    kept.append(f"{before} / {after}")
+    return kept
 
 
 def test_help_imports_no_heavy_modules():
@@ -280,6 +341,22 @@ def test_chat_context_overflow_keeps_session(short_ctx_ckpt):
     assert _chat_turns(result.stderr)[-1][0] == 1  # after /reset the session works again
 
 
+def test_chat_max_tokens_beyond_the_context_is_refused_when_set(short_ctx_ckpt):
+    script = "/max-tokens 9999\n/max-tokens 0\n/max-tokens\nhi\n"
+    session, flag = _cli_many(
+        ("chat", "--model", short_ctx_ckpt, "--max-tokens", 16, "--seed", 0, "--verbose"),
+        ("chat", "--model", short_ctx_ckpt, "--max-tokens", 9999),
+        stdin=script,
+    )
+    assert session.returncode == 0, session.stderr
+    assert re.search(r"^error: /max-tokens 9999 needs \d+ canvases of \d+ after the conversation's \d+ tokens, "
+                     r"more than the model's context of 64; at most \d+ fits now$", session.stderr, re.M), session.stderr
+    assert "error: /max-tokens takes a positive whole number (got '0')" in session.stderr
+    assert "max tokens per reply: 9999" not in session.stderr and "max tokens per reply: 16" in session.stderr
+    assert _chat_turns(session.stderr)[-1][0] == 1 and session.stdout.strip()  # the message was answered
+    _assert_one_line_error(flag, "--max-tokens 9999", "context of 64")
+
+
 def test_prompt_cache_checkpoint_restores_an_interrupted_turn(tiny_ckpt):
     import mlx.core as mx
 
@@ -324,7 +401,7 @@ class _Tty(io.StringIO):
 
 
 class _Tokenizer:
-    pieces = {0: "<eos>", 1: " a", 2: " b", 3: "\n", 4: "\x1b[31m", 5: "é"}
+    pieces = {0: "<eos>", 1: " a", 2: " b", 3: "\n", 4: "\x1b[31m", 5: "é", 6: "<pad>"}
 
     def decode(self, ids):
         return "".join(self.pieces[i] for i in ids)
@@ -347,6 +424,31 @@ def test_live_view_marks_stable_tokens_and_erases_drafts(monkeypatch):
     committed = out.getvalue()
     assert committed.startswith("\r\x1b[K") and committed.endswith(" a b\nc␛[2J")  # draft erased, text safe
     assert view._tail == len("c␛[2J")
+
+
+def test_live_view_never_shows_hidden_tokens(monkeypatch):
+    monkeypatch.setenv("TERM", "xterm")
+    out = _Tty()
+    view = TerminalOutput(_Tokenizer(), out, eos_ids=[0], hidden_ids=[6])
+    view.draft([6, 1, 6, 6, 2, 0, 6], canvas=0, step=1)
+    assert re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", out.getvalue()).strip() == "[1:1]  a b"
+
+
+def test_toy_generate_prints_no_pad_and_builds_no_sudoku_grids():
+    """The issue's command: the toy pads this answer, and pad is no text. The toy's sudoku grids (seconds
+    to build) are made only when a sudoku needs them, not at every command's start."""
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "mlx_diffusiongemma", "generate", "--model", "toy",
+         "--prompt", "What is 17 * 23?", "--seed", "0"],
+        capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    imports = {line.split("|")[-1].strip(): int(line.split("|")[0].split(":")[1])
+               for line in result.stderr.splitlines() if line.startswith("import time:") and "|" in line
+               and line.split("|")[0].split(":")[1].strip().isdigit()}
+    assert imports.get("mlx_diffusiongemma.tasks", 0) < 200_000, imports.get("mlx_diffusiongemma.tasks")  # µs
+    assert "<pad>" not in result.stdout and result.stdout.strip() == ""
+    assert re.search(r"^Generation: 0 tokens", result.stderr, re.M), result.stderr[-500:]
 
 
 def test_live_view_status_line_below_text_returns_cursor(monkeypatch):

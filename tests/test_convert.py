@@ -21,7 +21,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from checkpoints import build_checkpoint, load_reference
+from checkpoints import build_checkpoint, decoder_logits_pair, load_reference
 from figures import record
 from mlx_diffusiongemma.convert import ConversionOptionError, convert
 from mlx_diffusiongemma.errors import CheckpointError
@@ -141,13 +141,7 @@ def test_bf16_conversion_argmax_agreement(tmp_path):
     rng = np.random.default_rng(4)
     V, C = ours.args.vocab_size, ours.args.canvas_length
     prompt, canvas = rng.integers(0, V, (16, 20)), rng.integers(0, V, (16, C))
-    cache = DynamicCache(config=ref.config.text_config)
-    with torch.no_grad():
-        ref.model.encoder(input_ids=torch.tensor(prompt), cache=cache)
-        expected = ref(cache=cache, decoder_input_ids=torch.tensor(canvas)).logits.float().numpy()
-    mcache = ours.make_cache()
-    ours.encode(mx.array(prompt), mcache)
-    got = np.array(ours.decode(mx.array(canvas), mcache))
+    expected, got = decoder_logits_pair(ref, ours, prompt, canvas)
     agree = float((expected.argmax(-1) == got.argmax(-1)).mean())
     record("convert bf16: decoder argmax agreement with transformers bf16 (512 positions)", agree)
     assert agree >= 0.99
@@ -433,6 +427,7 @@ def test_output_exists(source, tmp_path):
     with pytest.raises(CheckpointError, match="already exists") as e:
         convert(source, out)
     assert "\n" not in str(e.value) and (out / "keep.txt").exists()
+    assert "pass --force to replace it" in str(e.value) and "force=True" not in str(e.value)  # CLI terms
     convert(source, out, force=True)
     assert not (out / "keep.txt").exists() and (out / "config.json").exists()
     assert _leftovers(tmp_path) == []

@@ -109,6 +109,14 @@ def test_overrides_win_over_file():
     assert "max_denoising_steps" in message
 
 
+def test_step_cap_applies_to_every_source():
+    assert resolve_drafter(None, {"max_denoising_steps": 1024}, 256).max_denoising_steps == 1024
+    for source in ({"max_denoising_steps": 10**9}, None):
+        overrides = None if source else {"max_denoising_steps": 10**9}
+        message = error_of(lambda: resolve_drafter(None, source, 256, overrides=overrides))
+        assert "max_denoising_steps" in message and "1 to 1024" in message
+
+
 def test_bad_generation_config_value_is_reported():
     message = error_of(lambda: resolve_drafter(None, {"stability_threshold": -1}, 256))
     assert "generation_config" in message and "stability_threshold" in message
@@ -122,10 +130,12 @@ def test_bad_generation_config_value_is_reported():
 @pytest.mark.parametrize(
     "field, value, allowed",
     [
-        ("max_denoising_steps", True, "integer >= 1"),  # bool is not an int
-        ("max_denoising_steps", 16.0, "integer >= 1"),
-        ("max_denoising_steps", "16", "integer >= 1"),
-        ("max_denoising_steps", 0, "integer >= 1"),
+        ("max_denoising_steps", True, "integer from 1 to 1024"),  # bool is not an int
+        ("max_denoising_steps", 16.0, "integer from 1 to 1024"),
+        ("max_denoising_steps", "16", "integer from 1 to 1024"),
+        ("max_denoising_steps", 0, "integer from 1 to 1024"),
+        ("max_denoising_steps", 1025, "integer from 1 to 1024"),
+        ("max_denoising_steps", 10**9, "integer from 1 to 1024"),
         ("canvas_length", -4, "integer >= 1"),
         ("stability_threshold", -1, "integer >= 0"),
         ("stability_threshold", False, "integer >= 0"),
