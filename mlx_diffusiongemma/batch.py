@@ -74,8 +74,8 @@ class BatchDenoiser:
     """The engine, on token ids: `submit` requests at any time; each `step` runs one canvas for the batch.
 
     `step` yields `(request id, DenoiseEvent)` as things happen: "admit" (a request leaves the queue; its
-    prefill starts), "encode" (its prompt, later each committed canvas), "commit" (`finished`: it emitted
-    EOS). A request leaves after the commit that reaches EOS or its `max_tokens`. `memory_budget` (bytes,
+    prefill starts), "encode" (its prompt, later each committed canvas), "commit" (`finished`: this is its
+    last canvas). A request leaves after the commit that reaches EOS or its `max_tokens`. `memory_budget` (bytes,
     see `request_bytes`; weights not included) and `max_batch` bound the batch; a request that does not fit
     waits in the queue until rows leave.
     """
@@ -169,10 +169,11 @@ class BatchDenoiser:
             canvas = committed[r].tolist()
             new, hit_eos = _new_tokens(canvas, self.eos_ids, row.max_tokens - row.generated)
             row.generated += len(new)
+            leaves = hit_eos or row.generated >= row.max_tokens
             events.append((row.id, DenoiseEvent("commit", committed[r : r + 1], row.canvases,
-                                                noise.stopped_at[r] or steps, has_eos[r : r + 1])))
+                                                noise.stopped_at[r] or steps, mx.array([leaves]))))
             row.canvases += 1
-            if not (hit_eos or row.generated >= row.max_tokens):
+            if not leaves:
                 row.pending = canvas
                 stay.append(r)
         if len(stay) < len(self.rows):
@@ -231,7 +232,9 @@ class BatchGenerator:
                 progress.encode(event.tokens[0].tolist())
             elif event.kind == "commit":
                 responses.append((request, progress.commit(event.tokens[0].tolist(), event.steps)))
-                if responses[-1][1].finish_reason is not None:
+                if event.finished.item() and progress.stats.finish_reason is None:
+                    responses.append((request, progress.end()))  # its canvases ran out, as alone
+                if progress.stats.finish_reason is not None:
                     del self.progress[request]
         yield from responses
 
