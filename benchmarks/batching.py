@@ -26,18 +26,23 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
-import mlx.core as mx
-import numpy as np
-from mlx.utils import tree_flatten
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from openblas import reexec_with_openblas  # noqa: E402
 
-from mlx_diffusiongemma import load
-from mlx_diffusiongemma.batch import BatchDenoiser
-from mlx_diffusiongemma.bench import random_model, run_batch, run_once
-from mlx_diffusiongemma.drafter import resolve_drafter
-from mlx_diffusiongemma.generate import vocab_passes
-from mlx_diffusiongemma.noise import MLXNoise
+import mlx.core as mx  # noqa: E402
+import numpy as np  # noqa: E402
+from mlx.utils import tree_flatten  # noqa: E402
+
+from mlx_diffusiongemma import load  # noqa: E402
+from mlx_diffusiongemma.batch import BatchDenoiser  # noqa: E402
+from mlx_diffusiongemma.bench import random_model, run_batch, run_once  # noqa: E402
+from mlx_diffusiongemma.drafter import resolve_drafter  # noqa: E402
+from mlx_diffusiongemma.generate import vocab_passes  # noqa: E402
+from mlx_diffusiongemma.noise import MLXNoise  # noqa: E402
 
 
 def prompt_lengths(args, n: int) -> list[int]:
@@ -120,8 +125,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8, help="fixed decoder passes per canvas")
     parser.add_argument("--mixed", action="store_true",
                         help="prompts of different lengths (0.5x to 1.5x --prompt-tokens): padded rows and masks")
+    parser.add_argument("--no-openblas", action="store_true", help="keep MLX's own (slow) CPU BLAS")
     args = parser.parse_args()
-    print(f"batched denoising on {mx.default_device()}")
+    blas = reexec_with_openblas(not args.no_openblas)
+    print(f"batched denoising on {mx.default_device()}, {blas}")
     for name in args.models.split(","):
         model = load("toy")[0] if name == "toy" else random_model(name, "float32")
         label = "toy (fp32)" if name == "toy" else f"random {name} (fp32)"
