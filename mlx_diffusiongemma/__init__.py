@@ -5,7 +5,8 @@ import types
 
 from ._version import __version__
 
-__all__ = ["__version__", "load", "generate", "stream_generate", "GenerationResponse", "DiffusionGemmaError"]
+__all__ = ["__version__", "load", "generate", "stream_generate", "batch_generate", "stream_batch", "BatchGenerator",
+           "GenerationResponse", "DiffusionGemmaError"]
 
 # Heavy modules (mlx, mlx-lm, transformers' tokenizers) load on first use so the CLI starts fast.
 _LAZY = {
@@ -13,6 +14,9 @@ _LAZY = {
     "generate": ".generate",
     "stream_generate": ".generate",
     "GenerationResponse": ".generate",
+    "batch_generate": ".batch",
+    "stream_batch": ".batch",
+    "BatchGenerator": ".batch",
     "DiffusionGemmaError": ".errors",
 }
 

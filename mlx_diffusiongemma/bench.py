@@ -233,10 +233,69 @@ def run_once(model: Model, drafter, prompt_tokens: int, canvases: int, seed: int
     )
 
 
-def summarize(results: list[BenchResult]) -> dict[str, dict[str, float]]:
+@dataclass
+class BatchResult:
+    aggregate_tps: float  # committed tokens of every request / wall time of the whole batch
+    latency_s: float  # median per request: from submission (all at once) to its last commit
+    max_latency_s: float
+    ms_per_step: float  # one batched decoder pass (canvas time / passes)
+    ms_per_commit: float  # one batched commit (encoder) pass
+    prefill_s: float  # all prompts, each alone
+    rows_per_expert: float  # canvas rows each expert sees per decoder pass (B x C x top-k / experts)
+    peak_memory_gb: float
+    estimated_gb: float  # the engine's estimate for the batch (what a memory budget is checked against)
+
+
+def run_batch(model: Model, drafter, prompt_tokens: int | list[int], canvases: int, batch: int,
+              seed: int) -> BatchResult:
+    """`batch` random prompts submitted together to the batch engine, `canvases` canvases each (no EOS).
+
+    `prompt_tokens` is one length for all, or one per prompt (rows of different lengths: padding and masks).
+    """
+    from .batch import BatchDenoiser
+
+    C, V = model.args.canvas_length, model.args.vocab_size
+    lengths = prompt_tokens if isinstance(prompt_tokens, list) else [prompt_tokens] * batch
+    engine = BatchDenoiser(model, drafter, eos_ids=[], pad_id=None)
+    rng = np.random.default_rng(seed)
+    for i in range(batch):
+        engine.submit(rng.integers(0, V, lengths[i]).tolist(), MLXNoise(seed * 1000 + i), canvases * C)
+    times = {"admit": 0.0, "prefill": 0.0, "commit_pass": 0.0, "canvas": 0.0}
+    latencies, passes, commit_passes, estimate = [], 0, 0, 0
+    mx.reset_peak_memory()
+    tic = time.perf_counter()
+    while not engine.idle:
+        last, steps, encoded = time.perf_counter(), 0, False
+        for request, event in engine.step():
+            # Events of one phase come together, so each phase's time is the gap before its first event.
+            now = time.perf_counter()
+            phase = {"encode": "commit_pass" if event.canvas else "prefill", "commit": "canvas"}.get(event.kind, "admit")
+            times[phase] += now - last
+            last, steps = now, max(steps, event.steps)
+            encoded |= phase == "commit_pass"
+            estimate = max(estimate, engine.batch_bytes())
+            if event.kind == "commit" and event.canvas + 1 == canvases:
+                latencies.append(now - tic)
+        passes, commit_passes = passes + steps, commit_passes + encoded
+    wall = time.perf_counter() - tic
+    latencies.sort()
+    return BatchResult(
+        aggregate_tps=batch * canvases * C / wall,
+        latency_s=statistics.median(latencies),
+        max_latency_s=latencies[-1],
+        ms_per_step=1000 * times["canvas"] / max(passes, 1),
+        ms_per_commit=1000 * times["commit_pass"] / max(commit_passes, 1),
+        prefill_s=times["prefill"],
+        rows_per_expert=batch * C * model.args.top_k_experts / model.args.num_experts,
+        peak_memory_gb=mx.get_peak_memory() / 1e9,
+        estimated_gb=estimate / 1e9,
+    )
+
+
+def summarize(results: list[BenchResult] | list[BatchResult]) -> dict[str, dict[str, float]]:
     """Median, min and max of every figure over repeats."""
     out = {}
-    for name in BenchResult.__dataclass_fields__:
+    for name in type(results[0]).__dataclass_fields__:
         values = [getattr(r, name) for r in results]
         out[name] = {"median": statistics.median(values), "min": min(values), "max": max(values)}
     return out
@@ -261,6 +320,27 @@ def format_report(summary: dict[str, dict[str, float]], label: str) -> str:
     ])
 
 
+def format_batch_report(summary: dict[str, dict[str, float]], label: str) -> str:
+    s = summary
+
+    def fig(name, fmt, scale=1.0):
+        v = s[name]
+        return f"{scale * v['median']:{fmt}} (min {scale * v['min']:{fmt}}, max {scale * v['max']:{fmt}})"
+
+    return "\n".join([
+        f"{label}",
+        f"aggregate:       {fig('aggregate_tps', '.1f')} tokens/s (every request's tokens / batch wall time)",
+        f"latency:         {fig('latency_s', '.2f')} s per request, median over requests "
+        f"(slowest request {s['max_latency_s']['median']:.2f} s)",
+        f"decoder step:    {fig('ms_per_step', '.1f')} ms per batched pass",
+        f"commit pass:     {fig('ms_per_commit', '.1f')} ms per batched pass",
+        f"prefill:         {fig('prefill_s', '.2f')} s (each prompt alone)",
+        f"rows per expert: {s['rows_per_expert']['median']:.0f} per decoder pass",
+        f"peak memory:     {s['peak_memory_gb']['max']:.3f} GB (weights included; the engine's estimate for "
+        f"the batch without weights: {s['estimated_gb']['max']:.3f} GB)",
+    ])
+
+
 def _check_run_memory(args: ModelArgs, dtype, weights: int, prompt_tokens: int, canvases: int, what: str,
                       hint: str) -> None:
     act = activation_bytes(args, dtype, prompt_tokens, canvases)
@@ -272,9 +352,10 @@ def _check_run_memory(args: ModelArgs, dtype, weights: int, prompt_tokens: int, 
 def bench(
     model_path: str | None, random: str | None, dtype: str | None, q_bits: int | None, prompt_tokens: int,
     canvases: int, steps: int | None, drafter: str, repeat: int, as_json: bool, adapter_path: str | None = None,
+    batch: int = 1,
 ) -> str:
     """Build or load the model (with LoRA adapters from `adapter_path`), warm up once, time `repeat` runs;
-    return the report (text or JSON)."""
+    return the report (text or JSON). `batch` > 1 times that many prompts denoised together instead."""
     import json
 
     from .drafter import resolve_drafter
@@ -314,6 +395,8 @@ def bench(
         _evaluate(model, f"loading {model_path}")
     overrides = {"max_denoising_steps": steps, "adaptive_stop": False} if steps else None
     config = resolve_drafter(drafter, model.generation_config, model.args.canvas_length, overrides)
+    if batch > 1:
+        return _bench_batch(model, config, label, prompt_tokens, canvases, batch, repeat, as_json)
     run_once(model, config, prompt_tokens, 1, seed=0)  # warm-up: compilation and allocation
     results = [run_once(model, config, prompt_tokens, canvases, seed=i) for i in range(repeat)]
     summary = summarize(results)
@@ -323,3 +406,15 @@ def bench(
         return json.dumps({"label": label, "prompt_tokens": prompt_tokens, "canvases_per_run": canvases,
                            **summary}, indent=2)
     return format_report(summary, label)
+
+
+def _bench_batch(model, config, label, prompt_tokens, canvases, batch, repeat, as_json) -> str:
+    import json
+
+    run_batch(model, config, prompt_tokens, 1, batch, seed=0)  # warm-up
+    summary = summarize([run_batch(model, config, prompt_tokens, canvases, batch, seed=i) for i in range(repeat)])
+    label += f", {batch} prompts of {prompt_tokens} tokens together, {canvases} canvases each, drafter " \
+             f"{config.name}, {mx.default_device()}"
+    if as_json:
+        return json.dumps({"label": label, "batch": batch, **summary}, indent=2)
+    return format_batch_report(summary, label)

@@ -76,14 +76,18 @@ class LayerCache:
         """Return `[retained ; canvas]` for the decoder; the cache's contents stay as they were."""
         return self._write(k, v)
 
+    def padding_mask(self, new: int) -> mx.array | None:
+        """Which of the `[retained ; new]` key slots each row may attend to; None: all of them (one row)."""
+        return None
+
     @property
     def state(self) -> tuple[mx.array, mx.array]:
         """The retained K and V (for tests and inspection)."""
         return self.keys[..., : self.length, :], self.values[..., : self.length, :]
 
 
-def cache_offset(cache: list[LayerCache]) -> int:
-    """Number of positions encoded so far (every layer has seen the same tokens)."""
+def cache_offset(cache: list[LayerCache]) -> int | mx.array:
+    """Number of positions encoded so far (every layer has seen the same tokens); per row ([B]) in a batch."""
     return cache[0].offset if cache else 0
 
 

@@ -246,6 +246,9 @@ def bench(
     adapter_path: Optional[str] = typer.Option(
         None, "--adapter-path", help="LoRA adapters folder written by `finetune` to time with --model (default: none)."
     ),
+    batch: int = typer.Option(
+        1, "--batch", min=1, help="Denoise this many prompts together: aggregate tokens/s and per-request latency."
+    ),
 ):
     """Time prefill, decoder steps, commit passes and whole canvases (median, min, max over repeats).
 
@@ -259,7 +262,7 @@ def bench(
     if q_bits not in (None, 4, 6, 8):
         raise typer.BadParameter("must be 4, 6 or 8", param_hint="--q-bits")
     typer.echo(run_bench(model, random, dtype, q_bits, prompt_tokens, canvases, steps or None, drafter,
-                         repeat, as_json, adapter_path=adapter_path))
+                         repeat, as_json, adapter_path=adapter_path, batch=batch))
 
 
 @app.command()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import secrets
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,11 +96,12 @@ def _pinned(canvas: mx.array, first: mx.array | None) -> mx.array:
 
 
 def denoise_canvas(model: Model, cache, drafter: DrafterConfig, noise: NoiseSource, batch: int,
-                   first: mx.array | None = None):
+                   first: mx.array | None = None, stopped: Callable[[mx.array, int], None] | None = None):
     """Draft one canvas: yields `(argmax canvas, steps)` after every decoder pass; the last is committed.
 
     `first` ([B] ids), when given, is known to open the canvas (the verifier's choice): it is held fixed in
-    every pass's input and output, like a position that is never noised.
+    every pass's input and output, like a position that is never noised. `stopped(done, steps)`, when given,
+    is told after each pass which rows' adaptive stop has fired (the batch engine stops their random streams).
     """
     N, V, C = drafter.max_denoising_steps, model.args.vocab_size, drafter.canvas_length
     stats, best_of = vocab_passes()
@@ -136,6 +137,8 @@ def denoise_canvas(model: Model, cache, drafter: DrafterConfig, noise: NoiseSour
         # Not a sync: the sampling runs while the caller takes the draft and the next pass's graph is built.
         mx.async_eval(x, argmax, sc, done)
         yield argmax, N - n + 1
+        if drafter.adaptive_stop and stopped is not None:
+            stopped(done, N - n + 1)
         # The stop test's sync; on the CPU backend the host vocabulary pass also waits for each pass's logits.
         if drafter.adaptive_stop and done.all().item():
             return
@@ -345,48 +348,77 @@ def stream_generate(
                               hidden_token_ids(model, tokenizer))
 
 
+class Progress:
+    """One generation's text and running statistics, fed what the loop encodes and commits for it.
+
+    Shared by `stream_generate` and the batch engine, so a batched request reports exactly what a lone one does.
+    """
+
+    def __init__(self, stats: GenerationResponse, tic: float, detok, eos: Sequence[int], max_tokens: int,
+                 hidden: frozenset[int] = frozenset()):
+        self.stats, self.tic, self.detok, self.eos, self.max_tokens = stats, tic, detok, eos, max_tokens
+        self.hidden = hidden  # token ids that are never text (see `hidden.py`)
+        self.gen_start: float | None = None
+        self.encoded: list[int] = []  # committed tokens written to the cache after the prompt
+
+    def encode(self, tokens: list[int]) -> None:
+        """An encoder pass: the prompt's prefill first, then committed canvases."""
+        stats = self.stats
+        stats.encoder_passes += 1
+        if self.gen_start is None:  # the prompt's prefill
+            self.gen_start = time.perf_counter()
+            stats.prompt_tps = (stats.prompt_tokens - stats.prompt_cached) / max(self.gen_start - self.tic, 1e-9)
+        else:
+            self.encoded += tokens
+
+    def commit(self, committed: list[int], steps: int, drafted: int = 0) -> GenerationResponse:
+        """A committed canvas: the new text, cut at EOS or `max_tokens` (then `finish_reason` is set)."""
+        stats, detok = self.stats, self.detok
+        stats.canvases += 1
+        stats.steps_per_canvas.append(steps)
+        stats.total_steps += steps
+        if drafted:
+            stats.accepted_per_canvas.append(len(committed))
+        new, hit_eos = _new_tokens(committed, self.eos, self.max_tokens - stats.generation_tokens, self.hidden)
+        for t in new:
+            detok.add_token(t)
+        stats.generation_tokens += len(new)
+        stats.tokens_per_forward = stats.generation_tokens / max(stats.total_steps, 1)
+        stats.generation_time = time.perf_counter() - self.gen_start
+        stats.generation_tps = stats.generation_tokens / max(stats.generation_time, 1e-9)
+        stats.peak_memory = mx.get_peak_memory() / 1e9
+        if hit_eos or stats.generation_tokens >= self.max_tokens:
+            detok.finalize()
+            stats.finish_reason = "stop" if hit_eos else "length"
+        return _snapshot(stats, text=detok.last_segment, tokens=new)
+
+    def end(self) -> GenerationResponse:
+        """The loop ended before the token budget (only when `max_tokens` exceeds what the canvases held)."""
+        self.stats.finish_reason = "length"
+        self.detok.finalize()
+        return _snapshot(self.stats, text=self.detok.last_segment)
+
+
 def _responses(events, stats, tic, detok, eos, max_tokens, draft_preview, finished, hidden=frozenset()):
     """Turn loop events into responses: detokenise, cut at EOS or `max_tokens`, keep the statistics."""
-    gen_start, encoded = None, []
+    progress = Progress(stats, tic, detok, eos, max_tokens, hidden)
     for event in events:
         stats.canvas, stats.step = event.canvas, event.steps
         if event.kind == "encode":
-            stats.encoder_passes += 1
-            if gen_start is None:  # the prompt's prefill
-                gen_start = time.perf_counter()
-                stats.prompt_tps = (stats.prompt_tokens - stats.prompt_cached) / max(gen_start - tic, 1e-9)
-            else:
-                encoded += event.tokens[0].tolist()
+            progress.encode(event.tokens[0].tolist())
             continue
         if event.kind == "draft":
             if draft_preview:
                 yield _snapshot(stats, draft=event.tokens[0].tolist())
             continue
-        committed = event.tokens[0].tolist()
-        stats.canvases += 1
-        stats.steps_per_canvas.append(event.steps)
-        stats.total_steps += event.steps
-        if event.drafted:
-            stats.accepted_per_canvas.append(len(committed))
-        new, hit_eos = _new_tokens(committed, eos, max_tokens - stats.generation_tokens, hidden)
-        for t in new:
-            detok.add_token(t)
-        stats.generation_tokens += len(new)
-        stats.tokens_per_forward = stats.generation_tokens / max(stats.total_steps, 1)
-        stats.generation_time = time.perf_counter() - gen_start
-        stats.generation_tps = stats.generation_tokens / max(stats.generation_time, 1e-9)
-        stats.peak_memory = mx.get_peak_memory() / 1e9
-        if hit_eos or stats.generation_tokens >= max_tokens:
-            detok.finalize()
-            stats.finish_reason = "stop" if hit_eos else "length"
-            finished(encoded)
-            yield _snapshot(stats, text=detok.last_segment, tokens=new)
+        response = progress.commit(event.tokens[0].tolist(), event.steps, event.drafted)
+        if stats.finish_reason is not None:
+            finished(progress.encoded)
+            yield response
             return
-        yield _snapshot(stats, text=detok.last_segment, tokens=new)
-    stats.finish_reason = "length"  # only reached when max_tokens exceeds what the canvases held
-    finished(encoded)
-    detok.finalize()
-    yield _snapshot(stats, text=detok.last_segment)
+        yield response
+    finished(progress.encoded)
+    yield progress.end()
 
 
 def _new_tokens(canvas: list[int], eos: Sequence[int], room: int, hidden=frozenset()) -> tuple[list[int], bool]:

@@ -161,8 +161,9 @@ def inv_frequencies(args: ModelArgs, layer_type: str) -> mx.array:
 
 
 def rope_tables(inv_freq: mx.array, positions: mx.array, dtype) -> tuple[mx.array, mx.array]:
-    freqs = positions.astype(mx.float32)[:, None] * inv_freq[None, :]
-    emb = mx.concatenate([freqs, freqs], axis=-1)[:, None, :]  # (L, 1, d) against (B, L, heads, d)
+    """cos and sin tables for positions `[L]` (shared by every row) or `[B, L]` (a batch's own positions)."""
+    freqs = positions.astype(mx.float32)[..., None] * inv_freq
+    emb = mx.concatenate([freqs, freqs], axis=-1)[..., None, :]  # ([B,] L, 1, d) against (B, L, heads, d)
     return mx.cos(emb).astype(dtype), mx.sin(emb).astype(dtype)
 
 
@@ -354,6 +355,12 @@ class _Stacks(nn.Module):
         self.encoder = _Encoder(args)
 
 
+def _padding(cache, new: int) -> mx.array | None:
+    """A batch cache's padding mask (see `LayerCache.padding_mask`); None for other caches (training's views)."""
+    mask = getattr(cache, "padding_mask", None)
+    return None if mask is None else mask(new)
+
+
 @partial(mx.compile, shapeless=True)
 def softcap(logits: mx.array) -> mx.array:
     """The final logit softcap, in fp32: `30 * tanh(logits / 30)` as one fused pass over the vocabulary."""
@@ -388,17 +395,20 @@ class Model(nn.Module):
         # The reference casts sqrt(H) to the weight dtype first (53.0, not 53.07, in bf16).
         return e * mx.array(math.sqrt(self.args.hidden_size), dtype=e.dtype)
 
-    def _ropes(self, start: int, n: int, dtype) -> dict[str, tuple[mx.array, mx.array]]:
-        pos = mx.arange(start, start + n)
+    def _ropes(self, start: int | mx.array, n: int, dtype) -> dict[str, tuple[mx.array, mx.array]]:
+        # `start` is one offset, or one per row ([B]) for a batch whose rows have encoded different lengths.
+        pos = mx.arange(start, start + n) if isinstance(start, int) else start[:, None] + mx.arange(n)
         return {t: rope_tables(f, pos, dtype) for t, f in self._inv_freq.items()}
 
     def _encoder_mask(self, c: LayerCache, n: int, layer_type: str) -> mx.array:
-        q = mx.arange(c.offset, c.offset + n)[:, None]
-        k = mx.arange(c.offset - c.length, c.offset + n)[None, :]
+        # Positions relative to the first new token: the same for every row of a batch.
+        q = mx.arange(n)[:, None]
+        k = mx.arange(-c.length, n)[None, :]
         mask = k <= q if self.args.encoder_causal else mx.ones((n, c.length + n), dtype=mx.bool_)
         if layer_type == SLIDING:
             mask = mask & (k > q - self.args.sliding_window)
-        return mask
+        padding = _padding(c, n)  # [B, 1, 1, length + n] for a batch of rows of different lengths
+        return mask if padding is None else mask & padding
 
     def encode(self, input_ids: mx.array, cache: list[LayerCache], *, logits: str | None = None) -> mx.array | None:
         """Causal encoder over `[B, L]` new tokens: appends their K/V to `cache`, positions continuing.
@@ -467,9 +477,11 @@ class Model(nn.Module):
         # With no self-conditioning the signal is exactly zero, so only the no-scale norm remains.
         x = rms_norm(e, None, self.args.rms_norm_eps)
         ropes = self._ropes(cache_offset(cache), canvas_ids.shape[1], x.dtype)
+        # Bidirectional: the only mask is a batch's padding (None for one row or rows of equal lengths).
+        masks = {t: _padding(c, canvas_ids.shape[1]) for t, c in zip(self.args.layer_types, cache)}
         for i, layer in enumerate(self.layers):
             t = self.args.layer_types[i]
-            x = layer(x, ropes[t], cache[i].with_canvas, None, layer.layer_scalar)
+            x = layer(x, ropes[t], cache[i].with_canvas, masks[t], layer.layer_scalar)
         logits = self.lm_head(x)
         return softcap(logits) if apply_softcap else logits
 

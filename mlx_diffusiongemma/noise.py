@@ -52,9 +52,12 @@ class MLXNoise:
     def randint(self, shape: tuple[int, ...], high: int) -> mx.array:
         return mx.random.randint(0, high, shape, dtype=mx.int32, key=self._next())
 
+    def uniforms(self, shape: tuple[int, ...]) -> mx.array:
+        """The uniforms `categorical` draws for `shape` positions (a batch gathers its rows' in one array)."""
+        return mx.random.uniform(shape=shape, key=self._next())
+
     def categorical(self, probs: mx.array) -> mx.array:
-        u = mx.random.uniform(shape=probs.shape[:-1], key=self._next())
-        return per_position(inverse_cdf_sample, probs, u)
+        return per_position(inverse_cdf_sample, probs, self.uniforms(probs.shape[:-1]))
 
     def skip_categorical(self, shape: tuple[int, ...]) -> None:
         self._next()

@@ -35,6 +35,25 @@ def test_bench_random_tiny_json():
     assert "building random tiny weights" in result.stderr  # progress while the weights are built
 
 
+def test_bench_batch_json():
+    result = _cli("--random", "tiny", "--steps", "2", "--canvases", "2", "--repeat", "1", "--json",
+                  "--dtype", "float32", "--prompt-tokens", "20", "--batch", "3")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["batch"] == 3 and "3 prompts" in report["label"]
+    for name in ("aggregate_tps", "latency_s", "max_latency_s", "ms_per_step", "ms_per_commit"):
+        assert report[name]["median"] > 0
+    assert report["latency_s"]["median"] <= report["max_latency_s"]["median"]
+    args = PRESETS["tiny"]
+    assert report["rows_per_expert"]["median"] == 3 * args["canvas_length"] * args["top_k_experts"] / args["num_experts"]
+
+
+def test_bench_batch_refuses_the_speculative_commit_in_one_line():
+    result = _cli("--random", "tiny", "--dtype", "float32", "--batch", "2", "--drafter", "speculative")
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and 'verify "none"' in result.stderr and "Traceback" not in result.stderr
+
+
 def test_full_geometry_estimate_and_refusal():
     args = ModelArgs(**PRESETS["full"])
     bf16 = estimated_bytes(args, mx.bfloat16, None)

@@ -1,0 +1,282 @@
+"""Batched denoising: several requests share every decoder and commit pass (continuous batching).
+
+Each request is prefilled alone (exactly the unbatched math), then joins the batch cache at a canvas
+boundary; all rows draft one canvas together and commit together; rows that reach EOS or their token budget
+leave, and waiting requests join. Every row draws from its own random stream in the order a lone run
+would, and a row whose adaptive stop fires is frozen while the others go on, so a request's text never
+depends on what else is in the batch. Only `verify: "none"`: the speculative commit is one sequence at a time.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+from mlx_lm.generate import wired_limit
+
+from . import sampler
+from .batch_cache import BatchLayerCache, BatchNoise
+from .drafter import DrafterConfig, resolve_drafter
+from .errors import DiffusionGemmaError, DrafterConfigError
+from .hidden import hidden_token_ids
+from .generate import (
+    PREFILL_STEP, DenoiseEvent, GenerationResponse, Progress, _eos_ids, _new_tokens, _pad_id, denoise_canvas,
+    prefill, prompt_to_ids,
+)
+from .model import SLIDING, Model, ModelArgs
+from .noise import MLXNoise, NoiseSource
+
+
+class MemoryBudgetError(DiffusionGemmaError):
+    """A request needs more memory than the whole batch budget allows."""
+
+
+def request_bytes(args: ModelArgs, dtype: mx.Dtype, prompt_tokens: int, max_tokens: int) -> tuple[int, int]:
+    """Estimated bytes of one row: (its KV cache at its longest, one canvas pass's activations and logits).
+
+    The cache holds the prompt and every committed canvas but the last (full layers; sliding layers at most
+    `window - 1`), plus the canvas's own slots while drafting. Activations: the raw logits, probabilities and
+    self-conditioning probabilities (fp32, C x V each), the hidden states and the attention scores.
+    """
+    C = args.canvas_length
+    encoded = prompt_tokens + (math.ceil(max_tokens / C) - 1) * C
+    kv = 0
+    for i, kind in enumerate(args.layer_types):
+        head_dim, heads = args.geometry(i)
+        kept = min(encoded, args.sliding_window - 1) if kind == SLIDING else encoded
+        kv += 2 * heads * head_dim * (kept + C)
+    hidden = 4 * args.hidden_size + 3 * args.intermediate_size + 3 * args.top_k_experts * args.moe_intermediate_size
+    scores = 4 * args.num_attention_heads * (encoded + C)
+    return kv * dtype.size, C * (3 * 4 * args.vocab_size + dtype.size * hidden + scores)
+
+
+@dataclass
+class _Row:
+    id: int
+    ids: list[int]
+    noise: NoiseSource
+    max_tokens: int
+    kv_bytes: int
+    activation_bytes: int
+    generated: int = 0  # tokens committed that count against `max_tokens`
+    canvases: int = 0
+    pending: list[int] | None = None  # the last committed canvas, encoded when the next one starts
+
+
+class BatchDenoiser:
+    """The engine, on token ids: `submit` requests at any time; each `step` runs one canvas for the batch.
+
+    `step` yields `(request id, DenoiseEvent)` as things happen: "admit" (a request leaves the queue; its
+    prefill starts), "encode" (its prompt, later each committed canvas), "commit" (`finished`: this is its
+    last canvas). A request leaves after the commit that reaches EOS or its `max_tokens`. `memory_budget` (bytes,
+    see `request_bytes`; weights not included) and `max_batch` bound the batch; a request that does not fit
+    waits in the queue until rows leave.
+    """
+
+    def __init__(self, model: Model, drafter: DrafterConfig, eos_ids: Sequence[int], pad_id: int | None, *,
+                 memory_budget: int | None = None, max_batch: int | None = None, prefill_step: int = PREFILL_STEP):
+        if drafter.verify != "none":
+            raise DrafterConfigError(
+                f'drafter {drafter.name!r} has verify "{drafter.verify}": batches run verify "none" only '
+                '(the speculative commit is one sequence at a time); run it alone or pick a verify "none" drafter'
+            )
+        if max_batch is not None and max_batch < 1:
+            raise ValueError("max_batch must be at least 1")
+        self.model, self.drafter, self.eos_ids, self.pad_id = model, drafter, list(eos_ids), pad_id
+        self.memory_budget, self.max_batch, self.prefill_step = memory_budget, max_batch, prefill_step
+        w = model.args.sliding_window
+        self.cache = [BatchLayerCache(w if t == SLIDING else None) for t in model.args.layer_types]
+        self.rows: list[_Row] = []
+        self.queue: deque[_Row] = deque()
+        self._next_id = 0
+
+    def submit(self, ids: Sequence[int], noise: NoiseSource, max_tokens: int) -> int:
+        """Queue a request; returns its id. Raises `MemoryBudgetError` if it could never fit the budget."""
+        if max_tokens < 1:
+            raise ValueError("max_tokens must be at least 1")
+        kv, act = request_bytes(self.model.args, self.model.dtype, len(ids), max_tokens)
+        if self.memory_budget is not None and kv + act > self.memory_budget:
+            raise MemoryBudgetError(
+                f"a {len(ids)}-token prompt with max_tokens {max_tokens} needs about {(kv + act) / 1e6:.1f} MB, "
+                f"over the batch memory budget of {self.memory_budget / 1e6:.1f} MB; raise the budget or "
+                "shorten the request"
+            )
+        row = _Row(self._next_id, list(ids), noise, max_tokens, kv, act)
+        self._next_id += 1
+        self.queue.append(row)
+        return row.id
+
+    @property
+    def idle(self) -> bool:
+        return not self.rows and not self.queue
+
+    def batch_bytes(self, rows: Sequence[_Row] | None = None) -> int:
+        """Estimated memory of a batch: right-aligned rows each span the longest row's cache."""
+        rows = self.rows if rows is None else rows
+        return len(rows) * max((r.kv_bytes for r in rows), default=0) + sum(r.activation_bytes for r in rows)
+
+    def _fits(self, row: _Row) -> bool:
+        if self.max_batch is not None and len(self.rows) >= self.max_batch:
+            return False
+        return self.memory_budget is None or self.batch_bytes([*self.rows, row]) <= self.memory_budget
+
+    # The state is consistent at every yield, so a caller may stop iterating a step at any event.
+    def _admit(self) -> Iterator[tuple[int, DenoiseEvent]]:
+        while self.queue and self._fits(self.queue[0]):
+            row = self.queue[0]
+            ids = mx.array([row.ids])
+            yield row.id, DenoiseEvent("admit", ids, 0, 0)
+            cache = self.model.make_cache()
+            prefill(self.model, ids, cache, self.prefill_step)  # alone: exactly the unbatched prefill
+            for batch_layer, layer in zip(self.cache, cache):
+                batch_layer.join(layer)
+            self.rows.append(self.queue.popleft())
+            yield row.id, DenoiseEvent("encode", ids, 0, 0)
+
+    def _encode_pending(self) -> Iterator[tuple[int, DenoiseEvent]]:
+        if not self.rows:
+            return
+        committed = mx.array([row.pending for row in self.rows])
+        self.model.encode(committed, self.cache)
+        mx.eval([c.keys for c in self.cache])
+        for row in self.rows:
+            row.pending = None
+        for r, row in enumerate(self.rows):
+            yield row.id, DenoiseEvent("encode", committed[r : r + 1], row.canvases, 0)
+
+    def step(self) -> Iterator[tuple[int, DenoiseEvent]]:
+        """Encode the last canvases, admit what fits, draft and commit one canvas, let finished rows go."""
+        yield from self._encode_pending()
+        yield from self._admit()
+        if not self.rows:
+            return
+        noise = BatchNoise([row.noise for row in self.rows])
+        argmax, steps = None, 0
+        for argmax, steps in denoise_canvas(self.model, self.cache, self.drafter, noise, len(self.rows),
+                                            stopped=noise.freeze):
+            pass
+        committed, has_eos = sampler.finalize_eos(argmax, self.eos_ids, self.pad_id)
+        mx.eval(committed, has_eos)
+        events, stay = [], []
+        for r, row in enumerate(self.rows):
+            canvas = committed[r].tolist()
+            new, hit_eos = _new_tokens(canvas, self.eos_ids, row.max_tokens - row.generated)
+            row.generated += len(new)
+            leaves = hit_eos or row.generated >= row.max_tokens
+            events.append((row.id, DenoiseEvent("commit", committed[r : r + 1], row.canvases,
+                                                noise.stopped_at[r] or steps, mx.array([leaves]))))
+            row.canvases += 1
+            if not leaves:
+                row.pending = canvas
+                stay.append(r)
+        if len(stay) < len(self.rows):
+            for layer in self.cache:
+                layer.keep_rows(stay)
+            self.rows = [self.rows[r] for r in stay]
+        yield from events
+
+
+class BatchGenerator:
+    """Continuous batching over prompts: `submit` at any time; each `step` yields the responses of one canvas.
+
+    Responses carry the same text and statistics `stream_generate` gives the same prompt and seed (timings
+    are the request's own, while it shared the passes). Used by `stream_batch` and `batch_generate`.
+    """
+
+    def __init__(self, model: Model, tokenizer, *, drafter: DrafterConfig | str | Path | None = None,
+                 memory_budget: int | None = None, max_batch: int | None = None, prefill_step: int = PREFILL_STEP):
+        if not isinstance(drafter, DrafterConfig):
+            drafter = resolve_drafter(drafter, getattr(model, "generation_config", None), model.args.canvas_length)
+        self.model, self.tokenizer, self.drafter = model, tokenizer, drafter
+        self.eos = _eos_ids(model, tokenizer)
+        self.hidden = hidden_token_ids(model, tokenizer)
+        self.engine = BatchDenoiser(model, drafter, self.eos, _pad_id(model), memory_budget=memory_budget,
+                                    max_batch=max_batch, prefill_step=prefill_step)
+        self.progress: dict[int, Progress] = {}
+
+    def submit(self, prompt: str | list[dict[str, Any]] | list[int] | mx.array, *, max_tokens: int = 256,
+               seed: int | None = None, chat_template: bool = True,
+               chat_template_kwargs: dict[str, Any] | None = None) -> int:
+        """Queue a prompt (as for `stream_generate`); returns its request id. It joins at the next step that
+        has room for it."""
+        seed = secrets.randbits(31) if seed is None else seed
+        ids = prompt_to_ids(self.tokenizer, prompt, chat_template, chat_template_kwargs)
+        request = self.engine.submit(ids, MLXNoise(seed), max_tokens)
+        stats = GenerationResponse(prompt_tokens=len(ids), drafter=self.drafter.name, seed=seed)
+        self.progress[request] = Progress(stats, time.perf_counter(), self.tokenizer.detokenizer, self.eos, max_tokens,
+                                           self.hidden)
+        return request
+
+    @property
+    def idle(self) -> bool:
+        """Nothing running and nothing waiting."""
+        return self.engine.idle
+
+    def step(self) -> Iterator[tuple[int, GenerationResponse]]:
+        """One canvas for the batch: yields `(request id, response)` per row as it commits; a response with
+        `finish_reason` set is the request's last."""
+        responses = []  # yielded once the step is over: a caller may stop iterating at any response
+        for request, event in self.engine.step():
+            progress = self.progress[request]
+            progress.stats.canvas, progress.stats.step = event.canvas, event.steps
+            if event.kind == "admit":  # its prefill starts: the prompt's tokens/s count from here
+                progress.tic = time.perf_counter()
+            elif event.kind == "encode":
+                progress.encode(event.tokens[0].tolist())
+            elif event.kind == "commit":
+                responses.append((request, progress.commit(event.tokens[0].tolist(), event.steps)))
+                if event.finished.item() and progress.stats.finish_reason is None:
+                    responses.append((request, progress.end()))  # its canvases ran out, as alone
+                if progress.stats.finish_reason is not None:
+                    del self.progress[request]
+        yield from responses
+
+
+def _per_prompt(value, count: int, name: str) -> list:
+    values = list(value) if isinstance(value, Sequence) and not isinstance(value, str) else [value] * count
+    if len(values) != count:
+        raise ValueError(f"{name}: {len(values)} values for {count} prompts")
+    return values
+
+
+def stream_batch(model: Model, tokenizer, prompts: Sequence, *, seeds: Sequence[int | None] | None = None,
+                 max_tokens: int | Sequence[int] = 256, drafter: DrafterConfig | str | Path | None = None,
+                 memory_budget: int | None = None, max_batch: int | None = None,
+                 **prompt_options) -> Iterator[tuple[int, GenerationResponse]]:
+    """Generate for several prompts at once, yielding `(prompt index, response)` per committed canvas.
+
+    `seeds` and `max_tokens` are one per prompt (or one `max_tokens` for all); `prompt_options` are
+    `chat_template` and `chat_template_kwargs`, as for `stream_generate`. Each prompt's responses are exactly
+    what `stream_generate` yields for it with the same seed (draft previews aside).
+    """
+    batch = BatchGenerator(model, tokenizer, drafter=drafter, memory_budget=memory_budget, max_batch=max_batch)
+    seeds = _per_prompt(seeds, len(prompts), "seeds")
+    budgets = _per_prompt(max_tokens, len(prompts), "max_tokens")
+    index = {batch.submit(p, seed=s, max_tokens=m, **prompt_options): i
+             for i, (p, s, m) in enumerate(zip(prompts, seeds, budgets))}
+    mx.reset_peak_memory()
+    with wired_limit(model):  # Metal: keep the weights resident; a no-op elsewhere
+        while not batch.idle:
+            for request, response in batch.step():
+                yield index[request], response
+
+
+def batch_generate(model: Model, tokenizer, prompts: Sequence, **kwargs) -> list[GenerationResponse]:
+    """One final response per prompt, in order, with the whole text and tokens (arguments as for
+    `stream_batch`)."""
+    texts: list[list[str]] = [[] for _ in prompts]
+    tokens: list[list[int]] = [[] for _ in prompts]
+    final: list[GenerationResponse | None] = [None] * len(prompts)
+    for i, response in stream_batch(model, tokenizer, prompts, **kwargs):
+        texts[i].append(response.text)
+        tokens[i] += response.tokens
+        if response.finish_reason is not None:
+            response.text, response.tokens, final[i] = "".join(texts[i]), tokens[i], response
+    return final
