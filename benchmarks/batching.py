@@ -72,11 +72,12 @@ def pass_split(model, drafter, lengths: list[int], repeat: int = 3) -> tuple[flo
         engine.submit(rng.integers(0, V, length).tolist(), MLXNoise(i), C)
     list(engine._admit())
     canvas = mx.array(rng.integers(0, V, (batch, C)))
+    sc = mx.full((batch, C, V), 1.0 / V)  # every pass after a canvas's first self-conditions
     stats, _ = vocab_passes()
     forward, vocab = [], []
     for _ in range(repeat + 1):  # the first is a warm-up
         tic = time.perf_counter()
-        raw = model.decode(canvas, engine.cache, apply_softcap=False)
+        raw = model.decode(canvas, engine.cache, self_conditioning_probs=sc, apply_softcap=False)
         mx.eval(raw)
         mid = time.perf_counter()
         mx.eval(*stats(raw, 0.6, model.dtype))
@@ -93,17 +94,17 @@ def table(model, label: str, args) -> list[str]:
     run_once(model, drafter, args.prompt_tokens, 1, seed=0)  # warm-up
     batches = [int(b) for b in args.batches.split(",")]
     lengths = prompt_lengths(args, max(batches))
-    alone = sequential(model, drafter, lengths, args.canvases)
-    lone = statistics.median(alone)
+    lone = statistics.median(sequential(model, drafter, lengths[:3], args.canvases))
     rows = [f"{label}: prompts of {'/'.join(map(str, sorted(set(lengths))))} tokens, "
             f"{args.canvases} canvases x {args.steps} steps, "
-            f"canvas {C}; a lone request takes {lone:.2f} s",
+            f"canvas {C}; a lone request takes {lone:.2f} s; each N is timed right after its sequential run",
             "  N  aggregate tok/s  vs sequential  latency s (median/max)  vs lone  step ms  forward ms  "
             "vocab ms  rest ms  rows/expert  peak GB  (weights + estimate GB)"]
     print("\n".join(rows), flush=True)
     for n in batches:
-        seq_tps = n * args.canvases * C / sum(alone[:n])
+        # Sequential and batched back to back, so a drift in the machine's speed hits both alike.
         run_batch(model, drafter, lengths[:n], 1, n, seed=0)  # warm-up at this batch size
+        seq_tps = n * args.canvases * C / sum(sequential(model, drafter, lengths[:n], args.canvases))
         r = run_batch(model, drafter, lengths[:n], args.canvases, n, seed=1)
         fwd, vocab = pass_split(model, drafter, lengths[:n])
         rows.append(

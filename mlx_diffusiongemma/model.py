@@ -411,12 +411,9 @@ class Model(nn.Module):
         return mask if padding is None else mask & padding
 
     def encode(self, input_ids: mx.array, cache: list[LayerCache], *, logits: str | None = None) -> mx.array | None:
-        """Causal encoder over `[B, L]` new tokens: appends their K/V to `cache`, positions continuing.
-
-        The encoder's only product in the reference is the cache, so by default the last layer stops at its
-        K/V. `logits="all"` (or `"last"`) also runs the rest of the stack and returns the causal LM's
-        next-token logits `[B, L, V]` (or `[B, 1, V]`), fp32 and softcapped: position i predicts token i+1.
-        """
+        """Causal encoder over `[B, L]` new tokens: appends their K/V to `cache`, positions continuing. Its only
+        product in the reference is the cache; `logits="all"` (`"last"`) also returns the causal LM's fp32
+        softcapped next-token logits `[B, L, V]` (`[B, 1, V]`): position i predicts token i + 1."""
         x = self._embed(input_ids)  # the encoder input is not normalised, unlike the decoder's
         n = input_ids.shape[1]
         ropes = self._ropes(cache_offset(cache), n, x.dtype)
