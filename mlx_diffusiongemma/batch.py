@@ -70,6 +70,15 @@ class _Row:
     pending: list[int] | None = None  # the last committed canvas, encoded when the next one starts
 
 
+def check_batch_drafter(name: str, verify: str) -> None:
+    """Refuse a drafter that batches cannot run, in one line."""
+    if verify != "none":
+        raise DrafterConfigError(
+            f'drafter {name!r} has verify "{verify}": batches run verify "none" only '
+            '(the speculative commit is one sequence at a time); run it alone or pick a verify "none" drafter'
+        )
+
+
 class BatchDenoiser:
     """The engine, on token ids: `submit` requests at any time; each `step` runs one canvas for the batch.
 
@@ -82,11 +91,7 @@ class BatchDenoiser:
 
     def __init__(self, model: Model, drafter: DrafterConfig, eos_ids: Sequence[int], pad_id: int | None, *,
                  memory_budget: int | None = None, max_batch: int | None = None, prefill_step: int = PREFILL_STEP):
-        if drafter.verify != "none":
-            raise DrafterConfigError(
-                f'drafter {drafter.name!r} has verify "{drafter.verify}": batches run verify "none" only '
-                '(the speculative commit is one sequence at a time); run it alone or pick a verify "none" drafter'
-            )
+        check_batch_drafter(drafter.name, drafter.verify)
         if max_batch is not None and max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         self.model, self.drafter, self.eos_ids, self.pad_id = model, drafter, list(eos_ids), pad_id

@@ -369,6 +369,12 @@ def bench(
         raise UsageError(f"--steps must be 0 (the drafter's own rules) or more (got {steps})")
     if adapter_path is not None and random is not None:
         raise UsageError("--adapter-path needs --model: adapters belong to the checkpoint they were trained on")
+    if batch > 1:  # before any weights are built or read
+        from .batch import check_batch_drafter
+        from .drafter import load_drafter_config
+
+        fields = load_drafter_config(drafter)
+        check_batch_drafter(fields["name"], fields["verify"])
     if random is not None:
         args, dtype = preset_args(random), dtype or "bfloat16"
         if dtype not in DTYPES:

@@ -450,10 +450,15 @@ def test_invalid_options(source, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def _default_sigint() -> None:
+    # A shell's background job starts with SIGINT ignored, and Python then never turns it into Ctrl-C.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _cli(*args, env=None, **kw):
     return subprocess.Popen(
         [sys.executable, "-m", "mlx_diffusiongemma", "convert", *map(str, args)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, **kw,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, preexec_fn=_default_sigint, **kw,
     )
 
 
@@ -475,7 +480,7 @@ def test_cli_converts(source, tmp_path):
 
 
 def test_sigint_leaves_nothing(sharded_source, tmp_path):
-    env = dict(os.environ, MLX_DIFFUSIONGEMMA_CONVERT_DELAY="0.2", MLX_DIFFUSIONGEMMA_CONVERT_SHARD_BYTES="100000")
+    env = dict(os.environ, MLX_DIFFUSIONGEMMA_CONVERT_DELAY="0.05", MLX_DIFFUSIONGEMMA_CONVERT_SHARD_BYTES="100000")
     parent = tmp_path / "outputs"
     parent.mkdir()
     proc = _cli("--hf-path", sharded_source, "--mlx-path", parent / "out", env=env)
