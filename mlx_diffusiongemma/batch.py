@@ -47,14 +47,10 @@ def request_bytes(args: ModelArgs, dtype: mx.Dtype, prompt_tokens: int, max_toke
     """
     C = args.canvas_length
     encoded = prompt_tokens + (math.ceil(max_tokens / C) - 1) * C
-    kv = 0
-    for i, kind in enumerate(args.layer_types):
-        head_dim, heads = args.geometry(i)
-        kept = min(encoded, args.sliding_window - 1) if kind == SLIDING else encoded
-        kv += 2 * heads * head_dim * (kept + C)
+    kv = args.kv_bytes(encoded, dtype.size)
     hidden = 4 * args.hidden_size + 3 * args.intermediate_size + 3 * args.top_k_experts * args.moe_intermediate_size
     scores = 4 * args.num_attention_heads * (encoded + C)
-    return kv * dtype.size, C * (3 * 4 * args.vocab_size + dtype.size * hidden + scores)
+    return kv, C * (3 * 4 * args.vocab_size + dtype.size * hidden + scores)
 
 
 @dataclass

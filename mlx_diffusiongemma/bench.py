@@ -21,7 +21,8 @@ from mlx.utils import tree_flatten
 from .errors import ContextLengthError, DiffusionGemmaError, UsageError
 from .generate import denoise
 from .loader import DTYPES
-from .model import SLIDING, Model, ModelArgs
+from .cache import _STEP
+from .model import Model, ModelArgs
 from .noise import MLXNoise
 
 _COMMON = dict(rms_norm_eps=1e-6, use_bidirectional_attention="vision")
@@ -100,12 +101,9 @@ def activation_bytes(args: ModelArgs, dtype: mx.Dtype, prompt_tokens: int, canva
     C, h = args.canvas_length, args.hidden_size
     total = prompt_tokens + canvases * C
     width = max(min(prompt_tokens, PREFILL_STEP), C)  # tokens in the widest pass
-    kv, scores = 0, 0
-    for i in range(args.num_hidden_layers):
-        d, heads = args.geometry(i)
-        kept = min(total, args.sliding_window) if args.layer_types[i] == SLIDING else total
-        kv += 2 * heads * d * (kept + C + 256) * dtype.size  # buffers grow in steps of 256 positions
-        scores = max(scores, 2 * args.num_attention_heads * width * (kept + width) * 4)  # scores and softmax
+    kv = args.kv_bytes(total, dtype.size, spare=_STEP)  # buffers grow in steps of _STEP positions
+    # Scores and softmax of the widest layer: a full-attention one (the last layer always is), over everything.
+    scores = 2 * args.num_attention_heads * width * (total + width) * 4
     ffn = width * (args.top_k_experts * (3 * args.moe_intermediate_size + h) + 3 * args.intermediate_size + 8 * h) * 4
     logits = LOGIT_COPIES * C * args.vocab_size * 4
     return kv + scores + ffn + logits

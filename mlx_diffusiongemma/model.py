@@ -75,10 +75,7 @@ class ModelArgs:
 
     @classmethod
     def from_config(cls, config: dict) -> "ModelArgs":
-        """Build from a checkpoint `config.json` (hub `global_head_dim` or `per_layer_config` layout).
-
-        Raises ValueError or TypeError naming the field at fault.
-        """
+        """From a checkpoint `config.json` (either layout); ValueError/TypeError name the field at fault."""
         if not isinstance(config, dict):
             raise TypeError(f"the top level must be a JSON object (got {type(config).__name__})")
         text = config.get("text_config", config)
@@ -113,6 +110,16 @@ class ModelArgs:
         if self.layer_types[layer] == FULL:
             return self.global_head_dim, self.num_global_key_value_heads
         return self.head_dim, self.num_key_value_heads
+
+    def kv_bytes(self, positions: int, itemsize: int, spare: int = 0) -> int:
+        """Bytes of an encoder cache after `positions` (sliding layers keep `window - 1`), with room for a canvas
+        and `spare` more slots per layer: the one estimate `bench` and the batch engine budget with."""
+        total = 0
+        for i, kind in enumerate(self.layer_types):
+            d, heads = self.geometry(i)
+            kept = min(positions, self.sliding_window - 1) if kind == SLIDING else positions
+            total += 2 * heads * d * (kept + self.canvas_length + spare) * itemsize
+        return total
 
 
 HALF = (mx.bfloat16, mx.float16)
@@ -272,7 +279,6 @@ class Experts(nn.Module):
         y = y[mx.argsort(order)] if sort else y
         y = _wide(y.reshape(N, k, -1))
         return (y * weights[..., None]).sum(axis=1)  # fp32 accumulation over the top-k experts
-
 
 
 class DecoderLayer(nn.Module):
@@ -457,14 +463,10 @@ class Model(nn.Module):
         self_conditioning_probs: mx.array | None = None,
         apply_softcap: bool = True,
     ) -> mx.array:
-        """Bidirectional canvas pass over `[cache ; canvas]`; returns `[B, C, V]` fp32 softcapped logits.
-
-        The cache is read, never advanced. `self_conditioning_logits` are the previous step's
-        temperature-scaled logits (None on a canvas's first step); the loop may pass their softmax as
-        `self_conditioning_probs` instead, computed alongside its sampler statistics. With
-        `apply_softcap=False` the logits come back before the final softcap (`softcap(logits)` applies it),
-        so the loop can fuse it with its own pass over the vocabulary.
-        """
+        """Bidirectional canvas pass over `[cache ; canvas]` (the cache is read, never advanced); returns `[B, C,
+        V]` fp32 logits, softcapped unless `apply_softcap=False` (the loop fuses it with its vocabulary pass).
+        `self_conditioning_logits` are the previous step's temperature-scaled logits (None on a canvas's first
+        step), or the loop passes their softmax, computed with its statistics, as `self_conditioning_probs`."""
         dec = self.model.decoder
         e = self._embed(canvas_ids)
         if self_conditioning_logits is not None:

@@ -60,7 +60,7 @@ def verify(
     if min_prob is not None:
         p = mx.softmax(logits[:-1], axis=-1)
         probable = mx.take_along_axis(p, draft[0, 1:, None], axis=-1)[:, 0] >= min_prob
-    mx.eval(expected, probable) if probable is not None else mx.eval(expected)
+    mx.eval(expected if probable is None else [expected, probable])
     ids, want = draft[0].tolist(), expected.tolist()
     a = _accepted(ids, want, None if probable is None else probable.tolist())
     if a == 0:
