@@ -104,11 +104,14 @@ def diffusion_loss(
     self_conditioning_prob: float = 0.5,
     encoder_weight: float = 1.0,
     pad_id: int | None = None,
+    encoder_mask=None,
 ) -> tuple[mx.array, dict[str, mx.array]]:
     """The SFT loss of `prompt + response` sequences (see the module docstring); `(loss, metrics)`.
 
     `tokens` is one sequence `[L]` or a batch `[B, L]` of equally long ones sharing `prompt_len`; a batch
     draws its corruption per sequence and its self-conditioning coin per block (shared by the batch).
+    `encoder_mask` (`[B, L]`, 1 where a token is the model's own) widens the encoder's next-token loss from
+    the response to every such token, e.g. the earlier replies of a conversation.
     """
     tokens = mx.array(tokens, dtype=mx.int32)
     tokens = tokens[None] if tokens.ndim == 1 else tokens
@@ -129,7 +132,12 @@ def diffusion_loss(
     use_sc = (mx.random.uniform(shape=(blocks,), key=k_sc) < self_conditioning_prob).tolist()
 
     enc_logits, kvs = encoder_forward(model, tokens)
-    enc_ce = nn.losses.cross_entropy(enc_logits[:, prompt_len - 1 : n - 1], tokens[:, prompt_len:], reduction="mean")
+    if encoder_mask is None:
+        enc_ce = nn.losses.cross_entropy(enc_logits[:, prompt_len - 1 : n - 1], tokens[:, prompt_len:], reduction="mean")
+    else:
+        weight = mx.array(encoder_mask, dtype=mx.float32).reshape(B, n)[:, 1:]
+        ce = nn.losses.cross_entropy(enc_logits[:, :-1], tokens[:, 1:], reduction="none")
+        enc_ce = (ce * weight).sum() / mx.maximum(weight.sum(), 1)
 
     total = mx.array(0.0)
     for j in range(blocks):

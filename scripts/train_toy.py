@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import queue
 import random
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -42,6 +44,7 @@ from checkpoints import CHAT_TEMPLATE, RELEASED_GENERATION_CONFIG, build_checkpo
 
 from openblas import reexec_with_openblas  # noqa: E402
 
+from mlx_diffusiongemma.dialogues import MARKERS, make_dialogue  # noqa: E402
 from mlx_diffusiongemma.loader import load  # noqa: E402
 from mlx_diffusiongemma.tasks import TASKS  # noqa: E402
 from mlx_diffusiongemma.toy import TOY_PATH, evaluate, held_out_prompts  # noqa: E402
@@ -52,12 +55,15 @@ CANVAS = 24  # the longest reply, a sudoku grid (19 characters) and the end of t
 GEOMETRY = dict(
     hidden_size=96, intermediate_size=192, num_attention_heads=4, num_key_value_heads=2, head_dim=24,
     global_head_dim=48, num_global_key_value_heads=1, num_experts=8, top_k_experts=2, moe_intermediate_size=96,
-    max_position_embeddings=256, layer_types=["sliding_attention", "full_attention"] * 2,
+    max_position_embeddings=1024, layer_types=["sliding_attention", "full_attention"] * 2,
 )
 SLIDING_WINDOW = 24  # shorter than a sudoku prompt (35 tokens), so the sliding layers do slide
-# Ids 0-4, 105 and 106 are the released Gemma 4 ones; the characters and role words fill the gap.
+# Ids 0-4, 105 and 106 are the released Gemma 4 ones; the characters and role words fill the gap. The
+# thinking and tool markers (v2) are single tokens as in the released tokenizer, in formerly unused ids, and
+# not "special", so decoding never strips them (the chat and tool-call parsers read them).
 SPECIAL = {0: "<pad>", 1: "<eos>", 2: "<bos>", 3: "<unk>", 4: "<mask>", 105: "<|turn>", 106: "<turn|>"}
-WORDS = {101: "user", 102: "model", 103: "system"}
+WORDS = {101: "user", 102: "model", 103: "system", 104: "tool", **dict(zip(range(107, 117), MARKERS))}
+TOOL_RESPONSE = 114  # `<|tool_response>`: an end of generation, as id 50 is in the released config
 
 
 def build_tokenizer(path: Path) -> None:
@@ -89,44 +95,76 @@ def build_initial(path: Path, seed: int) -> None:
                      sliding_window=SLIDING_WINDOW, canvas_length=CANVAS, tokenizer=False, vocab_size=VOCAB_SIZE,
                      embed_std=None, **GEOMETRY)
     build_tokenizer(path)
-    generation = {**RELEASED_GENERATION_CONFIG, "eos_token_id": [1, 106], "max_new_tokens": CANVAS}
+    generation = {**RELEASED_GENERATION_CONFIG, "eos_token_id": [1, 106, TOOL_RESPONSE], "max_new_tokens": CANVAS}
+    (path / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+
+
+def upgrade(path: Path) -> None:
+    """Bring a folder of an earlier stage to this script's format: the tokenizer with every marker, the
+    context length and the end-of-generation ids (the weights are untouched; the new ids were unused rows)."""
+    build_tokenizer(path)
+    config = json.loads((path / "config.json").read_text())
+    config["text_config"]["max_position_embeddings"] = GEOMETRY["max_position_embeddings"]
+    config["eos_token_id"] = [1, 106, TOOL_RESPONSE]
+    (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    generation = json.loads((path / "generation_config.json").read_text())
+    generation["eos_token_id"] = [1, 106, TOOL_RESPONSE]
     (path / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
 
 
 # --- data ---------------------------------------------------------------------------------------------------
 
 
-def encode(tokenizer, prompt: str, answer: str) -> tuple[list[int], int]:
-    """Prompt ids (chat template with the generation prompt) + answer ids, end of turn and pad to one canvas."""
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
-    reply = tokenizer.encode(answer, add_special_tokens=False) + tokenizer.encode("<turn|>\n", add_special_tokens=False)
-    assert len(reply) <= CANVAS, answer
-    return list(ids) + reply + [0] * (CANVAS - len(reply)), len(ids)
+def encode(tokenizer, dialogue) -> tuple[list[int], int, list[int]]:
+    """(prompt ids + reply ids, end of turn and pads up to whole canvases; the prompt length; a mask of the
+    tokens the model wrote: every earlier reply and this one, for the encoder's next-token loss)."""
+    def render(messages, gen):
+        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=gen, **dialogue.template))
+
+    ids = render(dialogue.messages, True)
+    mask = [0] * len(ids)
+    for i, m in enumerate(dialogue.messages):
+        if m["role"] == "assistant":  # its span: after `<|turn>model\n`, up to and with its `<turn|>`
+            a, b = len(render(dialogue.messages[:i], True)), len(render(dialogue.messages[: i + 1], False))
+            mask[a : b - 1] = [1] * (b - 1 - a)
+    reply = tokenizer.encode(dialogue.target + "<turn|>\n", add_special_tokens=False)
+    pad = -len(reply) % CANVAS
+    return ids + reply + [0] * pad, len(ids), mask + [1] * (len(reply) - 1) + [0] * (pad + 1)
 
 
-def batches(tokenizer, batch_size: int, seed: int, skip: set[str], names: list[str]):
-    """Endless batches of one task each (drawn from `names`; a repeated name weighs more), all rows with the
-    same prompt length (so one array, no padding)."""
+def batches(tokenizer, batch_size: int, seed: int, skip: set[str], names: list[str], single: bool):
+    """Endless `(kinds, ids, prompt length, mask)` batches of dialogues whose tasks are drawn from `names` (a
+    repeated name weighs more); `single`: one-turn prompts without thinking or tools, as stages 1-2 had.
+    Rows of a batch share their prompt and total lengths (one array, no padding), so dialogues wait in
+    buckets by length until one holds a batch."""
     rng = random.Random(seed)
+    buckets: dict[tuple[int, int], list] = {}
     while True:
-        task = rng.choice(names)
-        make = TASKS[task].make
-        rows, length = [], None
-        while len(rows) < batch_size:
-            prompt, answer = make(rng)
-            if prompt in skip:
-                continue
-            ids, plen = encode(tokenizer, prompt, answer)
-            if length is None or plen == length:
-                length = plen
-                rows.append(ids)
-        yield task, mx.array(rows, dtype=mx.int32), length
+        options = dict(earlier=0, thinking=False, tools=[]) if single else {}
+        dialogue = make_dialogue(rng, skip, task=rng.choice(names), **options)
+        ids, plen, mask = encode(tokenizer, dialogue)
+        bucket = buckets.setdefault((plen, len(ids)), [])
+        bucket.append((dialogue.kind if dialogue.kind != "answer" else dialogue.task, ids, mask))
+        if len(bucket) == batch_size:
+            del buckets[(plen, len(ids))]
+            kinds, rows, masks = zip(*bucket)
+            yield kinds, rows, plen, masks
+
+
+def prefetched(stream, depth: int = 8):
+    """`stream`'s items made on a thread, so building dialogues overlaps the training step (MLX computes
+    without the GIL)."""
+    items: queue.Queue = queue.Queue(depth)
+    threading.Thread(target=lambda: [items.put(x) for x in stream], daemon=True).start()
+    while True:
+        yield items.get()
 
 
 # --- training -----------------------------------------------------------------------------------------------
 
 
-def train(model, tokenizer, *, iters: int, batch_size: int, lr: float, seed: int, tasks: list[str], log) -> dict:
+def train(model, tokenizer, *, iters: int, batch_size: int, lr: float, seed: int, tasks: list[str], single: bool,
+          log) -> dict:
     mx.random.seed(seed)
     warmup = max(1, iters // 20)
     schedule = optim.join_schedules(
@@ -134,31 +172,33 @@ def train(model, tokenizer, *, iters: int, batch_size: int, lr: float, seed: int
     )
     opt = optim.AdamW(learning_rate=schedule, weight_decay=0.01)
 
-    def loss_fn(ids, plen, key):
-        loss, m = diffusion_loss(model, ids, plen, key, canvas_length=CANVAS)
+    def loss_fn(ids, plen, key, mask):
+        loss, m = diffusion_loss(model, ids, plen, key, canvas_length=CANVAS, encoder_mask=mask)
         return loss, (m["diffusion_loss"], m["encoder_loss"])
 
     loss_and_grad = nn.value_and_grad(model, loss_fn)
     key = mx.random.key(seed)
-    stream = batches(tokenizer, batch_size, seed, held_out_prompts(), tasks)
-    recent: dict[str, list[float]] = {t: [] for t in TASKS}
+    stream = prefetched(batches(tokenizer, batch_size, seed, held_out_prompts(), tasks, single))
+    recent: dict[str, list[float]] = {}
     start = tic = time.perf_counter()
     reported = 0
     for it in range(1, iters + 1):
-        task, ids, plen = next(stream)
+        kinds, rows, plen, masks = next(stream)
+        ids, mask = mx.array(rows, dtype=mx.int32), mx.array(masks, dtype=mx.float32)
         key, sub = mx.random.split(key)
-        (loss, (diff, enc)), grads = loss_and_grad(ids, plen, sub)
+        (loss, (diff, enc)), grads = loss_and_grad(ids, plen, sub, mask)
         grads, _ = optim.clip_grad_norm(grads, 1.0)
         opt.update(model, grads)
         mx.eval(loss, diff, model.parameters(), opt.state)
-        recent[task] = (recent[task] + [diff.item()])[-50:]
+        kind = max(set(kinds), key=kinds.count)  # the batch's loss, filed under its most common kind
+        recent[kind] = (recent.get(kind, []) + [diff.item()])[-50:]
         if it % 100 == 0 or it == iters:
             per_task = ", ".join(f"{t} {sum(v) / len(v):.3f}" for t, v in recent.items() if v)
             rate = (it - reported) / (time.perf_counter() - tic)
             log(f"iter {it}/{iters}: diffusion loss {per_task}; encoder {enc.item():.3f}; {rate:.1f} it/s")
             tic, reported = time.perf_counter(), it
     return {"iters": iters, "seconds": round(time.perf_counter() - start, 1),
-            "final_diffusion_loss": {t: round(sum(v) / len(v), 4) if v else None for t, v in recent.items()}}
+            "final_diffusion_loss": {t: round(sum(v) / len(v), 4) for t, v in sorted(recent.items())}}
 
 
 def write_trained(model, initial: Path, out: Path) -> None:
@@ -186,13 +226,14 @@ def main_with(args) -> int:
             previous = initial / "metrics.json"
             stages = json.loads(previous.read_text())["stages"] if previous.exists() else []
             previous.unlink(missing_ok=True)
+            upgrade(initial)
         else:
             build_initial(initial, args.seed)
         model, tokenizer = load(initial)
         log(f"training {sum(v.size for _, v in tree_flatten(model.parameters())) / 1e6:.2f}M parameters; {blas}")
         stage = {"command": "python scripts/train_toy.py " + " ".join(sys.argv[1:]),
                  **train(model, tokenizer, iters=args.iters, batch_size=args.batch_size, lr=args.learning_rate,
-                         seed=args.seed, tasks=args.tasks, log=log)}
+                         seed=args.seed, tasks=args.tasks, single=args.data == "single", log=log)}
         metrics = {"blas": blas, "data": "mlx_diffusiongemma/tasks.py (fresh prompts every batch, held-out ones "
                    "skipped)", "stages": stages + [stage], "seconds": sum(s["seconds"] for s in stages + [stage])}
         write_trained(model, initial, staged)
@@ -219,6 +260,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tasks", type=lambda v: v.split(","), default=sorted(TASKS),
                     help="comma-separated tasks to draw batches from; repeat one to weigh it more")
+    ap.add_argument("--data", choices=("dialogues", "single"), default="dialogues",
+                    help="dialogues (v2): earlier turns, thinking and tool calls; single: one-turn prompts (v1)")
     ap.add_argument("--resume-from", type=Path, help="continue from a folder this script wrote (a later stage)")
     ap.add_argument("--eval-prompts", type=int, default=500, help="held-out prompts per task (0: skip)")
     args = ap.parse_args()

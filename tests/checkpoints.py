@@ -57,7 +57,15 @@ CHAT_TEMPLATE = """
     {{- '<|turn>system\n' -}}
     {%- if enable_thinking -%}{{- '<|think|>' -}}{%- endif -%}
     {%- if has_system -%}{{- render_content(messages[0].content) -}}{%- endif -%}
-    {%- for tool in tools or [] -%}{{- '<|tool>' + (tool | tojson) + '<tool|>' -}}{%- endfor -%}
+    {%- for tool in tools or [] -%}
+        {%- set fn = tool.function if tool.function is defined else tool -%}
+        {{- '<|tool>declaration:' + fn.name + '{description:<|"|>' + (fn.description or '') + '<|"|>,parameters:{' -}}
+        {%- for key, spec in ((fn.parameters or {}).properties or {}) | dictsort -%}
+            {{- key + ':<|"|>' + ((spec.type or 'any') | upper) + '<|"|>' -}}
+            {%- if not loop.last -%}{{- ',' -}}{%- endif -%}
+        {%- endfor -%}
+        {{- '}}<tool|>' -}}
+    {%- endfor -%}
     {{- '<turn|>\n' -}}
 {%- endif -%}
 {%- set turns = messages[1:] if has_system else messages -%}

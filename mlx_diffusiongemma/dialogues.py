@@ -1,0 +1,170 @@
+"""Conversations around the toy tasks: earlier turns, Gemma 4's thinking channel and a calculator tool.
+
+The toy model (v2) is trained on these and scored on them, so a conversation here is the ground truth of what
+the toy should write: a plain answer, `<|channel>thought\\n…<channel|>` then the answer when the template's
+thinking switch is on, and for an addition with the `calculator` tool declared, a Gemma 4 tool call
+(`<|tool_call>call:calculator{a:482,b:37}<tool_call|>`) and, after the tool's response turn, the answer.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from dataclasses import dataclass, field
+
+from .tasks import TASKS
+
+THOUGHT_OPEN, THOUGHT_CLOSE = "<|channel>thought\n", "<channel|>"
+CALL_OPEN, CALL_CLOSE = "<|tool_call>", "<tool_call|>"
+MARKERS = ("<|think|>", "<|channel>", "<channel|>", "<|tool>", "<tool|>", "<|tool_call>", "<tool_call|>",
+           "<|tool_response>", "<tool_response|>", '<|"|>')
+
+
+def _tool(name: str, description: str, properties: dict[str, str]) -> dict:
+    props = {key: {"type": kind} for key, kind in properties.items()}
+    return {"type": "function", "function": {"name": name, "description": description, "parameters": {
+        "type": "object", "properties": props, "required": list(properties)}}}
+
+
+CALCULATOR = _tool("calculator", "Adds two numbers", {"a": "integer", "b": "integer"})
+WEATHER = _tool("get_weather", "Weather in a city", {"city": "string"})
+
+
+def thought(prompt: str) -> str:
+    """A short working note for a task prompt: the column sums of an addition, the digits of a sort, the
+    blanks of a sudoku."""
+    verb, arg = prompt.split(" ", 1)
+    if verb == "add":
+        a, b = arg.split("+")
+        steps, carry = [], 0
+        for x, y in zip(reversed(a), reversed(b)):
+            total = int(x) + int(y) + carry
+            steps.append(f"{x}+{y}{'+1' if carry else ''}={total}")
+            carry = total // 10
+        return " ".join(steps)
+    if verb == "sort":
+        return f"{len(arg)} digits, lowest {min(arg)}, highest {max(arg)}"
+    return f"{arg.count('.')} blanks"
+
+
+def operands(prompt: str) -> dict[str, int]:
+    a, b = prompt.split(" ", 1)[1].split("+")
+    return {"a": int(a), "b": int(b)}
+
+
+def call_text(prompt: str) -> str:
+    """The tool call the toy writes for an addition, as Gemma 4's template renders one."""
+    args = ",".join(f"{k}:{v}" for k, v in operands(prompt).items())
+    return f"{CALL_OPEN}call:calculator{{{args}}}{CALL_CLOSE}"
+
+
+def call_message(prompt: str) -> dict:
+    """The assistant message (OpenAI shape) carrying that call."""
+    return {"role": "assistant", "content": "",
+            "tool_calls": [{"type": "function", "function": {"name": "calculator", "arguments": operands(prompt)}}]}
+
+
+def tool_result(prompt: str, as_json: bool) -> str:
+    total = sum(operands(prompt).values())
+    return json.dumps({"result": total}) if as_json else str(total)
+
+
+def _answer(task: str, prompt: str) -> str:
+    """The reply a task prompt wants (a sudoku's unique solution)."""
+    if task == "sudoku":
+        from .tasks import _parse, _render, _solutions
+
+        return _render(_solutions(_parse(prompt.split(" ", 1)[1]))[0])
+    from .tasks import _solve
+
+    return _solve(prompt)
+
+
+def think_wrap(note: str, reply: str) -> str:
+    return f"{THOUGHT_OPEN}{note}{THOUGHT_CLOSE}{reply}"
+
+
+@dataclass
+class Dialogue:
+    """Messages before the reply to train on or score, the template switches, and that reply's text."""
+
+    messages: list[dict]
+    target: str
+    task: str
+    prompt: str
+    kind: str  # "answer", "call" (the tool call) or "after_tool" (the answer after the tool's response)
+    template: dict = field(default_factory=dict)
+
+
+def _turns(rng: random.Random, prompt: str, tools: bool) -> list[dict]:
+    """A finished earlier exchange about `prompt`: the user turn and what the model said (with the tool's
+    round trip for an addition when the calculator is declared)."""
+    user = {"role": "user", "content": prompt}
+    if tools and prompt.startswith("add "):
+        return [user, call_message(prompt), {"role": "tool", "content": tool_result(prompt, rng.random() < 0.4)},
+                {"role": "assistant", "content": _answer("add", prompt)}]
+    return [user, {"role": "assistant", "content": _answer(prompt.split(" ", 1)[0], prompt)}]
+
+
+def make_dialogue(rng: random.Random, skip: set[str] = frozenset(), *, earlier: int | None = None,
+                  thinking: bool | None = None, tools: list[dict] | None = None, task: str | None = None) -> Dialogue:
+    """A random conversation ending where the model is to speak (each choice random unless given)."""
+
+    def fresh(name: str) -> str:
+        while True:
+            p, _ = TASKS[name].make(rng)
+            if p not in skip:
+                return p
+
+    if earlier is None:
+        earlier = 0 if rng.random() < 0.3 else rng.randint(1, 5)
+    thinking = rng.random() < 0.3 if thinking is None else thinking
+    if tools is None:
+        roll = rng.random()
+        tools = [] if roll < 0.65 else [CALCULATOR] if roll < 0.85 else rng.choice(
+            [[CALCULATOR, WEATHER], [WEATHER, CALCULATOR], [WEATHER]])
+    calc = CALCULATOR in tools
+    messages: list[dict] = []
+    for _ in range(earlier):
+        messages += _turns(rng, fresh(rng.choice(sorted(TASKS))), calc)
+    task = task or rng.choice(sorted(TASKS))
+    prompt = fresh(task)
+    messages.append({"role": "user", "content": prompt})
+    reply, kind, note = _answer(task, prompt), "answer", thought(prompt)
+    if task == "add" and calc:
+        if rng.random() < 0.5:
+            reply, kind, note = call_text(prompt), "call", "use the calculator"
+        else:
+            result = tool_result(prompt, rng.random() < 0.4)
+            messages += [call_message(prompt), {"role": "tool", "content": result}]
+            kind, note = "after_tool", f"the calculator says {sum(operands(prompt).values())}"
+    template = {"enable_thinking": True} if thinking else {}
+    if tools:
+        template["tools"] = tools
+    return Dialogue(messages, think_wrap(note, reply) if thinking else reply, task, prompt, kind, template)
+
+
+# --- scoring ------------------------------------------------------------------------------------------------
+
+_THOUGHT = re.compile(re.escape(THOUGHT_OPEN) + r"([^<]+)" + re.escape(THOUGHT_CLOSE) + r"(.*)", re.DOTALL)
+
+
+def split_thought(reply: str) -> tuple[str | None, str]:
+    """`(thought, answer)` of a reply that opens with a well-formed thought block, else `(None, reply)`."""
+    m = _THOUGHT.fullmatch(reply.strip())
+    return (m.group(1), m.group(2)) if m else (None, reply)
+
+
+def parse_call(reply: str) -> dict | None:
+    """The one tool call a reply consists of, `{"name": ..., "arguments": {...}}`, or None if malformed."""
+    from mlx_lm.tool_parsers.gemma4 import parse_tool_call
+
+    text = reply.strip()
+    if not (text.startswith(CALL_OPEN) and text.endswith(CALL_CLOSE)):
+        return None
+    try:
+        call = parse_tool_call(text[len(CALL_OPEN):-len(CALL_CLOSE)])
+    except (ValueError, json.JSONDecodeError):
+        return None
+    return call if isinstance(call, dict) else None
