@@ -34,11 +34,11 @@ from mlx_diffusiongemma.toy import evaluate  # noqa: E402
 DRAFTERS = ("reference", "speculative", str(Path(__file__).with_name("speculative_relaxed.json")))
 
 
-def accuracy_table(model, tokenizer, prompts: int) -> list[str]:
+def accuracy_table(model, tokenizer, prompts: int, drafters=DRAFTERS) -> list[str]:
     rows = ["drafter             task    accuracy  decoder/prompt  encoder/prompt  passes/solved  vs reference  "
             "tokens/verify"]
     baseline = {}
-    for drafter in DRAFTERS:
+    for drafter in drafters:
         name = Path(drafter).stem.replace("_", "-")
         for task in TASKS:
             tic = time.perf_counter()
@@ -94,14 +94,17 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=500,
                         help="held-out prompts per task (at most 2000; 0: only the pass costs)")
     parser.add_argument("--skip-costs", action="store_true", help="only the accuracy table")
+    parser.add_argument("--model", default="toy", help="a toy-format checkpoint folder (default: the bundled toy)")
+    parser.add_argument("--drafters", type=lambda v: v.split(","), default=list(DRAFTERS),
+                        help="comma-separated drafters, the first being the baseline (default: all three)")
     parser.add_argument("--no-openblas", action="store_true", help="keep MLX's own (slow) CPU BLAS")
     args = parser.parse_args()
     blas = reexec_with_openblas(not args.no_openblas)
-    model, tokenizer = load("toy")
-    print(f"toy model, {args.prompts} held-out prompts per task, seeds 0..{args.prompts - 1}, "
+    model, tokenizer = load(args.model)
+    print(f"{args.model} model, {args.prompts} held-out prompts per task, seeds 0..{args.prompts - 1}, "
           f"{mx.default_device()}, {blas}")
     if args.prompts > 0:
-        rows = accuracy_table(model, tokenizer, args.prompts)
+        rows = accuracy_table(model, tokenizer, args.prompts, args.drafters)
         print("\n" + "\n".join(rows))
     if not args.skip_costs:
         print(pass_costs(model, "toy (canvas 24, 19-token prompt)", 19))

@@ -85,7 +85,7 @@ _MODEL_HELP = (
 _ADAPTER_HELP = "LoRA adapters folder written by `finetune` to apply to the model (default: none)."
 _LIVE_HELP = "Show the canvas being denoised in place on a terminal (never when output is piped)."
 _TEMPLATE_CONFIG_HELP = (
-    """Extra chat template variables as a JSON object, e.g. '{"enable_thinking": false}' (default: none)."""
+    """Extra chat template variables as a JSON object, e.g. '{"enable_thinking": true}' (default: none)."""
 )
 
 
@@ -179,15 +179,18 @@ def demo(
     pace: float = typer.Option(
         0.05, "--pace", help="Seconds to pause after each denoising step in the live view, so it can be watched."
     ),
+    think: bool = typer.Option(False, "--think/--no-think", help="Switch the chat template's thinking on."),
+    tools: bool = typer.Option(False, "--tools", help="Declare a calculator tool; the demo answers its calls."),
 ):
-    """Watch the bundled toy model (trained with `finetune`'s objective) solve held-out puzzles, offline.
+    """Watch the bundled toy model (trained with `finetune`'s objective) solve held-out puzzles, offline,
+    as the turns of one conversation.
 
     The toy model is a 1.3M-parameter DiffusionGemma (same architecture, tiny geometry) that ships in the
     package; `--model toy` selects it in every other command too.
     """
     from .demo import run_demo
 
-    run_demo(task=task, count=count, drafter=drafter, seed=seed, live=live, pace=pace)
+    run_demo(task=task, count=count, drafter=drafter, seed=seed, live=live, pace=pace, think=think, tools=tools)
 
 
 @app.command()

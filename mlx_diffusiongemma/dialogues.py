@@ -118,7 +118,7 @@ def make_dialogue(rng: random.Random, skip: set[str] = frozenset(), *, earlier: 
                 return p
 
     if earlier is None:
-        earlier = 0 if rng.random() < 0.3 else rng.randint(1, 5)
+        earlier = 0 if rng.random() < 0.3 else rng.randint(1, 4)
     thinking = rng.random() < 0.3 if thinking is None else thinking
     if tools is None:
         roll = rng.random()
@@ -139,7 +139,7 @@ def make_dialogue(rng: random.Random, skip: set[str] = frozenset(), *, earlier: 
             result = tool_result(prompt, rng.random() < 0.4)
             messages += [call_message(prompt), {"role": "tool", "content": result}]
             kind, note = "after_tool", f"the calculator says {sum(operands(prompt).values())}"
-    template = {"enable_thinking": True} if thinking else {}
+    template: dict = {"enable_thinking": thinking}  # explicit: mlx-lm's wrapper would default it on
     if tools:
         template["tools"] = tools
     return Dialogue(messages, think_wrap(note, reply) if thinking else reply, task, prompt, kind, template)

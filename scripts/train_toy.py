@@ -1,26 +1,36 @@
 """Train the bundled toy DiffusionGemma from scratch, reproducibly, and score it.
 
     pip install -e '.[test]'      # transformers + torch write the initial HF checkpoint
-    python scripts/train_toy.py --out /tmp/toy-stage1 --eval-prompts 0                  # 47 min here
-    python scripts/train_toy.py --resume-from /tmp/toy-stage1 --out /tmp/toy \\
-        --tasks add,add,add,add,sort,sudoku --iters 3000 --learning-rate 2e-3 --seed 1   # 17-23 min here
+    python scripts/train_toy.py --data single --out /tmp/toy-stage1 --eval-prompts 0                  # 47 min
+    python scripts/train_toy.py --data single --resume-from /tmp/toy-stage1 --out /tmp/toy-stage2 \
+        --tasks add,add,add,add,sort,sudoku --iters 3000 --learning-rate 2e-3 --seed 1                 # 17-23 min
+    OPENBLAS_NUM_THREADS=1 mlx.launch -n 2 --backend ring --python python scripts/train_toy.py \
+        --resume-from /tmp/toy-stage2 --out /tmp/toy --iters 1200 --learning-rate 1e-3 --seed 2        # v2
 
-are the two stages that made `mlx_diffusiongemma/toy_model/` (its `metrics.json` records both commands).
-The first learns sort and sudoku; addition needs the second, weighted to it, to leave its plateau.
+are the three stages that made `mlx_diffusiongemma/toy_model/` (its `metrics.json` records them; the first
+two ran before `--data` existed, with the one-turn data `single` now names). The first learns sort and
+sudoku; addition needs the second, weighted to it, to leave its plateau. The third (v2) teaches
+conversations (`dialogues.py`): 1-4 earlier turns, Gemma 4's thinking channel, and calls to a declared
+calculator tool, with the encoder's next-token loss over every reply in the context. Under `mlx.launch -n N`
+each process trains on its share of the batch and the gradients are averaged: MLX's CPU backend runs a
+process's ops on one core, so this is how both cores of this machine help.
 
 The model is the real architecture at a small size: sliding and full attention layers, a dense MLP beside a
 top-2-of-8 mixture of experts, the self-conditioning MLP, a character-level tokenizer with the Gemma 4 chat
-format, and a 24-token canvas. transformers builds the random initial checkpoint (so the folder is
-HF-format by construction); MLX trains it with the block-diffusion SFT loss of `train.diffusion_loss` on
-prompts drawn fresh from `tasks.py` (never a held-out one), then the trained tensors are written back under
-their HF names. Everything is seeded; `metrics.json` records each stage's command, time and final losses and
-the held-out accuracy and mean denoising steps per task for the `reference` and `fast` drafters.
+format and its thinking and tool markers as single tokens, and a 24-token canvas. transformers builds the
+random initial checkpoint (so the folder is HF-format by construction); MLX trains it with the
+block-diffusion SFT loss of `train.diffusion_loss` on data drawn fresh from `tasks.py` and `dialogues.py`
+(never a held-out prompt), then the trained tensors are written back under their HF names. Everything is
+seeded; `metrics.json` records each stage's command, time and final losses and the held-out figures: accuracy
+and denoising steps per task for the `reference` and `fast` drafters, and (reference drafter) the 3rd turn of
+a conversation, thinking on, and the calculator round trip.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import queue
 import random
 import shutil
@@ -34,7 +44,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_unflatten
 from safetensors.numpy import load_file, save_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,7 +57,9 @@ from openblas import reexec_with_openblas  # noqa: E402
 from mlx_diffusiongemma.dialogues import MARKERS, make_dialogue  # noqa: E402
 from mlx_diffusiongemma.loader import load  # noqa: E402
 from mlx_diffusiongemma.tasks import TASKS  # noqa: E402
-from mlx_diffusiongemma.toy import TOY_PATH, evaluate, held_out_prompts  # noqa: E402
+from mlx_diffusiongemma.toy import (  # noqa: E402
+    TOY_PATH, evaluate, evaluate_thinking, evaluate_tools, evaluate_turns, held_out_prompts,
+)
 from mlx_diffusiongemma.train import diffusion_loss  # noqa: E402
 
 VOCAB_SIZE = 128
@@ -163,9 +175,26 @@ def prefetched(stream, depth: int = 8):
 # --- training -----------------------------------------------------------------------------------------------
 
 
+def average(grads, group):
+    """The mean of every process's gradients, in one all-reduce: with one per tensor, ranks whose graphs differ
+    in shape could schedule them in different orders and wait on each other forever."""
+    flat = tree_flatten(grads)
+    total = mx.distributed.all_sum(mx.concatenate([g.reshape(-1) for _, g in flat]), group=group) / group.size()
+    out, at = [], 0
+    for name, g in flat:
+        out.append((name, total[at : at + g.size].reshape(g.shape)))
+        at += g.size
+    return tree_unflatten(out)
+
+
 def train(model, tokenizer, *, iters: int, batch_size: int, lr: float, seed: int, tasks: list[str], single: bool,
           log) -> dict:
-    mx.random.seed(seed)
+    # Under `mlx.launch -n N`, each of N processes trains on batch_size / N rows of its own data and the
+    # gradients are averaged: MLX's CPU backend runs one process's ops on one core, so this is how N cores help.
+    group = mx.distributed.init()
+    rank, size = group.rank(), group.size()
+    seed_r = seed + 7919 * rank
+    mx.random.seed(seed_r)
     warmup = max(1, iters // 20)
     schedule = optim.join_schedules(
         [optim.linear_schedule(1e-7, lr, warmup), optim.cosine_decay(lr, iters - warmup, lr * 0.05)], [warmup]
@@ -177,8 +206,8 @@ def train(model, tokenizer, *, iters: int, batch_size: int, lr: float, seed: int
         return loss, (m["diffusion_loss"], m["encoder_loss"])
 
     loss_and_grad = nn.value_and_grad(model, loss_fn)
-    key = mx.random.key(seed)
-    stream = prefetched(batches(tokenizer, batch_size, seed, held_out_prompts(), tasks, single))
+    key = mx.random.key(seed_r)
+    stream = prefetched(batches(tokenizer, batch_size // size, seed_r, held_out_prompts(), tasks, single))
     recent: dict[str, list[float]] = {}
     start = tic = time.perf_counter()
     reported = 0
@@ -187,6 +216,8 @@ def train(model, tokenizer, *, iters: int, batch_size: int, lr: float, seed: int
         ids, mask = mx.array(rows, dtype=mx.int32), mx.array(masks, dtype=mx.float32)
         key, sub = mx.random.split(key)
         (loss, (diff, enc)), grads = loss_and_grad(ids, plen, sub, mask)
+        if size > 1:
+            grads = average(grads, group)
         grads, _ = optim.clip_grad_norm(grads, 1.0)
         opt.update(model, grads)
         mx.eval(loss, diff, model.parameters(), opt.state)
@@ -215,9 +246,44 @@ def write_trained(model, initial: Path, out: Path) -> None:
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
 
 
+def _job(folder: str, kind: str, task: str, n: int, drafter: str) -> tuple[str, dict]:
+    model, tokenizer = load(folder)
+    if kind == "held_out":
+        return kind, evaluate(model, tokenizer, task, n, drafter) | {"drafter": drafter}
+    if kind == "tools":
+        return kind, evaluate_tools(model, tokenizer, n)
+    scorer = evaluate_turns if kind == "turn3" else evaluate_thinking
+    return kind, scorer(model, tokenizer, task, n)
+
+
+def score(folder: Path, n: int, log, workers: int = 2) -> dict:
+    """Held-out figures for `metrics.json`: one-turn accuracy per drafter, and (reference drafter) the 3rd
+    turn of a conversation, thinking on, and the calculator round trip; jobs run in `workers` processes."""
+    jobs = [("held_out", t, d) for d in ("reference", "fast") for t in TASKS]
+    jobs += [(k, t, "reference") for k in ("turn3", "thinking") for t in TASKS] + [("tools", "add", "reference")]
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        done = pool.starmap(_job, [(str(folder), k, t, n, d) for k, t, d in jobs])
+    out: dict = {"held_out": [], "conversations": {"turn3": [], "thinking": [], "tools": None}}
+    for kind, row in done:
+        log(f"{kind} {json.dumps(row)}")
+        if kind == "held_out":
+            out["held_out"].append(row)
+        elif kind == "tools":
+            out["conversations"]["tools"] = row
+        else:
+            out["conversations"][kind].append(row)
+    return out
+
+
 def main_with(args) -> int:
     blas = reexec_with_openblas()
-    log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+    rank = mx.distributed.init().rank()
+    log = (lambda line: print(line, file=sys.stderr, flush=True)) if rank == 0 else (lambda line: None)  # noqa: E731
+    if args.score_only:  # a written folder scored again (e.g. with more prompts), its metrics.json updated
+        path = args.score_only / "metrics.json"
+        path.write_text(json.dumps(json.loads(path.read_text()) | score(args.score_only, args.eval_prompts, log),
+                                   indent=2) + "\n")
+        return 0
     with tempfile.TemporaryDirectory() as tmp:
         initial, staged = Path(tmp) / "initial", Path(tmp) / "toy"
         stages = []
@@ -236,14 +302,11 @@ def main_with(args) -> int:
                          seed=args.seed, tasks=args.tasks, single=args.data == "single", log=log)}
         metrics = {"blas": blas, "data": "mlx_diffusiongemma/tasks.py (fresh prompts every batch, held-out ones "
                    "skipped)", "stages": stages + [stage], "seconds": sum(s["seconds"] for s in stages + [stage])}
+        if rank:  # rank 0 holds the same weights and writes them
+            return 0
         write_trained(model, initial, staged)
-        model, tokenizer = load(staged)  # score what was written, not what is in memory
-        metrics["held_out"] = [evaluate(model, tokenizer, task, args.eval_prompts, drafter)
-                               | {"drafter": drafter} for drafter in ("reference", "fast") for task in TASKS
-                               if args.eval_prompts]
-        for row in metrics["held_out"]:
-            log(f"{row['drafter']:>9} {row['task']:>6}: accuracy {row['accuracy']:.3f}, "
-                f"mean steps {row['mean_steps']:.2f}")
+        if args.eval_prompts:  # score what was written, not what is in memory
+            metrics |= score(staged, args.eval_prompts, log)
         (staged / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         shutil.rmtree(args.out, ignore_errors=True)
         shutil.move(str(staged), args.out)
@@ -263,6 +326,7 @@ def main() -> None:
     ap.add_argument("--data", choices=("dialogues", "single"), default="dialogues",
                     help="dialogues (v2): earlier turns, thinking and tool calls; single: one-turn prompts (v1)")
     ap.add_argument("--resume-from", type=Path, help="continue from a folder this script wrote (a later stage)")
+    ap.add_argument("--score-only", type=Path, help="only score this folder (written by this script) again")
     ap.add_argument("--eval-prompts", type=int, default=500, help="held-out prompts per task (0: skip)")
     args = ap.parse_args()
     if set(args.tasks) - set(TASKS):
