@@ -256,13 +256,14 @@ def _job(folder: str, kind: str, task: str, n: int, drafter: str) -> tuple[str, 
     return kind, scorer(model, tokenizer, task, n)
 
 
-def score(folder: Path, n: int, log, workers: int = 2) -> dict:
+def score(folder: Path, n: int, log, workers: int = 2, conversations: int | None = None) -> dict:
     """Held-out figures for `metrics.json`: one-turn accuracy per drafter, and (reference drafter) the 3rd
     turn of a conversation, thinking on, and the calculator round trip; jobs run in `workers` processes."""
     jobs = [("held_out", t, d) for d in ("reference", "fast") for t in TASKS]
     jobs += [(k, t, "reference") for k in ("turn3", "thinking") for t in TASKS] + [("tools", "add", "reference")]
+    counts = {k: n if k == "held_out" else conversations or n for k, _, _ in jobs}
     with multiprocessing.get_context("spawn").Pool(workers) as pool:
-        done = pool.starmap(_job, [(str(folder), k, t, n, d) for k, t, d in jobs])
+        done = pool.starmap(_job, [(str(folder), k, t, counts[k], d) for k, t, d in jobs])
     out: dict = {"held_out": [], "conversations": {"turn3": [], "thinking": [], "tools": None}}
     for kind, row in done:
         log(f"{kind} {json.dumps(row)}")
@@ -281,8 +282,8 @@ def main_with(args) -> int:
     log = (lambda line: print(line, file=sys.stderr, flush=True)) if rank == 0 else (lambda line: None)  # noqa: E731
     if args.score_only:  # a written folder scored again (e.g. with more prompts), its metrics.json updated
         path = args.score_only / "metrics.json"
-        path.write_text(json.dumps(json.loads(path.read_text()) | score(args.score_only, args.eval_prompts, log),
-                                   indent=2) + "\n")
+        scores = score(args.score_only, args.eval_prompts, log, conversations=args.conversation_prompts)
+        path.write_text(json.dumps(json.loads(path.read_text()) | scores, indent=2) + "\n")
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         initial, staged = Path(tmp) / "initial", Path(tmp) / "toy"
@@ -306,7 +307,7 @@ def main_with(args) -> int:
             return 0
         write_trained(model, initial, staged)
         if args.eval_prompts:  # score what was written, not what is in memory
-            metrics |= score(staged, args.eval_prompts, log)
+            metrics |= score(staged, args.eval_prompts, log, conversations=args.conversation_prompts)
         (staged / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         shutil.rmtree(args.out, ignore_errors=True)
         shutil.move(str(staged), args.out)
@@ -328,6 +329,8 @@ def main() -> None:
     ap.add_argument("--resume-from", type=Path, help="continue from a folder this script wrote (a later stage)")
     ap.add_argument("--score-only", type=Path, help="only score this folder (written by this script) again")
     ap.add_argument("--eval-prompts", type=int, default=500, help="held-out prompts per task (0: skip)")
+    ap.add_argument("--conversation-prompts", type=int,
+                    help="held-out prompts per conversation figure (3rd turn, thinking, tools; default: --eval-prompts)")
     args = ap.parse_args()
     if set(args.tasks) - set(TASKS):
         ap.error(f"unknown --tasks {sorted(set(args.tasks) - set(TASKS))}; choose from {sorted(TASKS)}")
