@@ -177,11 +177,11 @@ def _evaluate(model: Model, label: str) -> None:
 
 def _recipe(path: str, module: nn.Module, bits: int):
     """The community mix `convert` writes by default: experts and self-conditioning at `bits`, the rest 8."""
-    from .convert.convert import quant_setting
+    from .quantization import recipe_setting
 
     if not hasattr(module, "to_quantized") or module.weight.shape[-1] % 64:
         return False
-    return quant_setting(path, "mixed", {"group_size": 64, "bits": bits, "mode": "affine"})
+    return recipe_setting(path, "mixed", {"group_size": 64, "bits": bits, "mode": "affine"})
 
 
 @dataclass
@@ -367,6 +367,10 @@ def bench(
         raise UsageError(f"--steps must be 0 (the drafter's own rules) or more (got {steps})")
     if adapter_path is not None and random is not None:
         raise UsageError("--adapter-path needs --model: adapters belong to the checkpoint they were trained on")
+    if q_bits is not None:
+        from .quantization import check_quantization
+
+        check_quantization(q_bits, 64)  # the group size `_recipe` builds with
     if batch > 1:  # before any weights are built or read
         from .batch import check_batch_drafter
         from .drafter import load_drafter_config

@@ -6,12 +6,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
+from .checkpoint import TOY_PATH  # noqa: F401  (where the toy model lives: the checkpoint layer says)
 from .generate import stream_generate
 from .tasks import TASKS, examples
 
-TOY_PATH = Path(__file__).resolve().parent / "toy_model"
 HELD_OUT_SEED = 1  # training draws with other seeds and skips every held-out prompt
 HELD_OUT_SIZE = 2000  # the most held-out prompts any evaluation may use, per task
 

@@ -17,7 +17,8 @@ from mlx_diffusiongemma.loader import load
 from mlx_diffusiongemma.bench import bench
 from mlx_diffusiongemma.console import parse_template_config
 from mlx_diffusiongemma.errors import CheckpointError, DiffusionGemmaError, UsageError
-from mlx_diffusiongemma.lora import CONFIG_FILE, fuse, load_adapters
+from mlx_diffusiongemma.fuse import fuse
+from mlx_diffusiongemma.lora import CONFIG_FILE, load_adapters
 from mlx_diffusiongemma.noise import MLXNoise
 from mlx_diffusiongemma.train import read_jsonl, run_finetune
 

@@ -342,7 +342,7 @@ def test_fuse_command_round_trip(ckpt, example, tmp_path):
 
 
 def test_fuse_requantizes_like_the_base(qckpt, tmp_path):
-    from mlx_diffusiongemma.lora import fuse
+    from mlx_diffusiongemma.fuse import fuse
 
     model, tokenizer = load(qckpt)
     ids, prompt_len = tokenize(tokenizer, MESSAGES)

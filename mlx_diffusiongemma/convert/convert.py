@@ -12,74 +12,29 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Callable
 
-from mlx_diffusiongemma.errors import CheckpointError, DiffusionGemmaError
-from mlx_diffusiongemma.folders import build_folder
+from ..checkpoint import DTYPE_NAMES, check_safetensors, copy_side_files, resolve_path, weight_files
+from ..errors import CheckpointError, ConversionOptionError, DiffusionGemmaError
+from ..folders import build_folder
+from ..quantization import check_quantization, recipe_setting
 
 MAX_SHARD_BYTES = 5 * 1024**3  # the usual Hub cap per safetensors file
 # Test-only hooks: a smaller shard cap, and a pause after each tensor (to interrupt a run mid-way).
 _SHARD_ENV = "MLX_DIFFUSIONGEMMA_CONVERT_SHARD_BYTES"
 _DELAY_ENV = "MLX_DIFFUSIONGEMMA_CONVERT_DELAY"
 
-DTYPE_NAMES = ("float32", "bfloat16", "float16")
-RECIPES = ("mixed", "uniform")
-MODES = ("affine", "mxfp4")
-AFFINE_BITS = (2, 3, 4, 5, 6, 8)
-AFFINE_GROUPS = (32, 64, 128)
-# The "mixed" recipe keeps these modules at 8 bits whatever was asked (what mlx-vlm's converter does).
-HIGH_PRECISION = {"group_size": 64, "bits": 8, "mode": "affine"}
 _SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
-# Files copied next to the weights: tokenizer, chat template, generation settings. Never code or pickles.
-_COPY_PATTERNS = (
-    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
-    "added_tokens.json", "chat_template.json", "*.jinja", "generation_config.json",
-)
-
-
-class ConversionOptionError(DiffusionGemmaError, ValueError):
-    """An invalid combination of conversion options (dtype, bits, group size, mode, recipe)."""
 
 
 def _check_options(dtype, quantize, q_bits, q_group_size, q_mode, q_recipe) -> None:
     if dtype is not None and dtype not in DTYPE_NAMES:
         raise ConversionOptionError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPE_NAMES)}")
-    if not quantize:
-        return
-    if q_recipe not in RECIPES:
-        raise ConversionOptionError(f"unknown quantization recipe {q_recipe!r}; use mixed or uniform")
-    if q_mode == "mxfp4":
-        if q_bits != 4 or q_group_size != 32:
-            raise ConversionOptionError(
-                f"mxfp4 needs 4 bits and group size 32 (got {q_bits} bits, group size {q_group_size})"
-            )
-    elif q_mode == "affine":
-        if q_bits not in AFFINE_BITS:
-            raise ConversionOptionError(f"unsupported bits {q_bits}; affine quantization takes 2, 3, 4, 5, 6 or 8")
-        if q_group_size not in AFFINE_GROUPS:
-            raise ConversionOptionError(f"unsupported group size {q_group_size}; use 32, 64 or 128")
-    else:
-        raise ConversionOptionError(f"unknown quantization mode {q_mode!r}; use affine or mxfp4")
-
-
-def _high_precision(module: str) -> bool:
-    return (
-        module.endswith("embed_tokens")
-        or ".self_attn." in module
-        or ".mlp." in module
-        or module.endswith("router.proj")
-    )
-
-
-def quant_setting(module: str, recipe: str, requested: dict) -> dict:
-    """The {group_size, bits, mode} a quantizable module gets under a recipe."""
-    if recipe == "mixed" and _high_precision(module):
-        return dict(HIGH_PRECISION)
-    return dict(requested)
+    if quantize:
+        check_quantization(q_bits, q_group_size, q_mode, q_recipe)
 
 
 def _source_dtype(headers: dict[str, dict]) -> str:
@@ -95,13 +50,6 @@ def _source_dtype(headers: dict[str, dict]) -> str:
                 return name
             found = found or name
     return found or "float32"
-
-
-def copy_side_files(src: Path, dst: Path) -> None:
-    for pattern in _COPY_PATTERNS:
-        for file in sorted(src.glob(pattern)):
-            if file.is_file():
-                shutil.copy2(file, dst / file.name)
 
 
 def _write_config(src_config: dict, dst: Path, dtype: str, qconfig: dict | None) -> None:
@@ -359,9 +307,9 @@ def _convert_into(
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
-    from mlx_diffusiongemma.loader import DTYPES, check_safetensors, load_config, weight_files
-    from mlx_diffusiongemma.model import Model
-    from mlx_diffusiongemma.tensors import check_layer_count, stored_shapes
+    from ..loader import DTYPES, load_config
+    from ..model import Model
+    from ..tensors import check_layer_count, stored_shapes
 
     src_config, args = load_config(src)
     if src_config.get("quantization") or src_config.get("quantization_config"):
@@ -416,7 +364,7 @@ def _convert_into(
             kind, setting = ("copy" if out_dtype == src_dtype else "cast"), None
             outs = [_Out(key, _st_code(out_dtype), shape, rows * cols * out_dtype.size)]
             if quantize and module in quantizable:
-                candidate = quant_setting(module, q_recipe, requested)
+                candidate = recipe_setting(module, q_recipe, requested)
                 if len(shape) >= 2 and cols % candidate["group_size"] == 0:
                     kind, setting = "quantize", candidate
                     settings[module] = setting
@@ -496,7 +444,7 @@ def convert(
         mlx_path: The output folder. It must not exist unless `force` is set.
         dtype: "bfloat16", "float16" or "float32" for the float tensors; default: the checkpoint's.
         quantize: Quantize the linear layers and the embedding.
-        q_bits: Bits of the quantized weights (affine: 2-6 or 8; mxfp4: 4).
+        q_bits: Bits of the quantized weights (affine: 4, 6 or 8; mxfp4: 4).
         q_group_size: Quantization group size (affine: 32, 64 or 128; mxfp4: 32).
         q_mode: "affine" or "mxfp4".
         q_recipe: "mixed" keeps the embedding (= LM head), attention, dense MLP and router at 8 bits
@@ -513,8 +461,6 @@ def convert(
         CheckpointError: one line; the input is unusable, the output exists, or writing failed. Nothing is
             left behind on failure or interruption.
     """
-    from mlx_diffusiongemma.loader import resolve_path
-
     _check_options(dtype, quantize, q_bits, q_group_size, q_mode, q_recipe)
     dst = Path(mlx_path).expanduser().absolute()
     if dst.exists() and not force:
