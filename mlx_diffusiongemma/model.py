@@ -361,12 +361,6 @@ class _Stacks(nn.Module):
         self.encoder = _Encoder(args)
 
 
-def _padding(cache, new: int) -> mx.array | None:
-    """A batch cache's padding mask (see `LayerCache.padding_mask`); None for other caches (training's views)."""
-    mask = getattr(cache, "padding_mask", None)
-    return None if mask is None else mask(new)
-
-
 @partial(mx.compile, shapeless=True)
 def softcap(logits: mx.array) -> mx.array:
     """The final logit softcap, in fp32: `30 * tanh(logits / 30)` as one fused pass over the vocabulary."""
@@ -413,7 +407,7 @@ class Model(nn.Module):
         mask = k <= q if self.args.encoder_causal else mx.ones((n, c.length + n), dtype=mx.bool_)
         if layer_type == SLIDING:
             mask = mask & (k > q - self.args.sliding_window)
-        padding = _padding(c, n)  # [B, 1, 1, length + n] for a batch of rows of different lengths
+        padding = c.padding_mask(n)  # [B, 1, 1, length + n] for a batch of rows of different lengths
         return mask if padding is None else mask & padding
 
     def encode(self, input_ids: mx.array, cache: list[LayerCache], *, logits: str | None = None) -> mx.array | None:
@@ -477,7 +471,7 @@ class Model(nn.Module):
         x = rms_norm(e, None, self.args.rms_norm_eps)
         ropes = self._ropes(cache_offset(cache), canvas_ids.shape[1], x.dtype)
         # Bidirectional: the only mask is a batch's padding (None for one row or rows of equal lengths).
-        masks = {t: _padding(c, canvas_ids.shape[1]) for t, c in zip(self.args.layer_types, cache)}
+        masks = {t: c.padding_mask(canvas_ids.shape[1]) for t, c in zip(self.args.layer_types, cache)}
         for i, layer in enumerate(self.layers):
             t = self.args.layer_types[i]
             x = layer(x, ropes[t], cache[i].with_canvas, masks[t], layer.layer_scalar)
