@@ -22,6 +22,7 @@ import mlx.core as mx
 from mlx_lm.generate import wired_limit
 
 from . import sampler
+from .backend import select
 from .batch_cache import BatchLayerCache, BatchNoise
 from .drafter import DrafterConfig, resolve_drafter
 from .errors import DiffusionGemmaError, DrafterConfigError
@@ -97,6 +98,7 @@ class BatchDenoiser:
         self.rows: list[_Row] = []
         self.queue: deque[_Row] = deque()
         self._next_id = 0
+        self.backend = select()
 
     def submit(self, ids: Sequence[int], noise: NoiseSource, max_tokens: int) -> int:
         """Queue a request; returns its id. Raises `MemoryBudgetError` if it could never fit the budget."""
@@ -161,7 +163,7 @@ class BatchDenoiser:
         noise = BatchNoise([row.noise for row in self.rows])
         argmax, steps = None, 0
         for argmax, steps in denoise_canvas(self.model, self.cache, self.drafter, noise, len(self.rows),
-                                            stopped=noise.freeze):
+                                            stopped=noise.freeze, backend=self.backend):
             pass
         committed, has_eos = sampler.finalize_eos(argmax, self.eos_ids, self.pad_id)
         mx.eval(committed, has_eos)

@@ -18,6 +18,7 @@ import numpy as np
 
 from mlx.utils import tree_flatten
 
+from .backend import prepare_model
 from .errors import ContextLengthError, DiffusionGemmaError, UsageError
 from .generate import denoise
 from .loader import DTYPES
@@ -160,7 +161,7 @@ def random_model(preset: str, dtype: str = "bfloat16", q_bits: int | None = None
         nn.quantize(model, class_predicate=lambda path, m: _recipe(path, m, q_bits))
     _evaluate(model, f"building random {preset} weights")
     model.generation_config = {}
-    return model
+    return prepare_model(model)
 
 
 def _evaluate(model: Model, label: str) -> None:

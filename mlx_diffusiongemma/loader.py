@@ -12,6 +12,7 @@ import mlx.nn as nn
 from .checkpoint import (  # noqa: F401  (resolve_path, weight_files, TOY_NAME: re-exported for callers)
     DTYPE_NAMES, TOY_NAME, check_safetensors, copy_side_files, read_json, resolve_path, weight_files,
 )
+from .backend import prepare_model
 from .errors import ChatTemplateError, CheckpointError
 from .model import Model, ModelArgs
 from .tensors import check_shapes, quant_setting
@@ -74,6 +75,7 @@ def load_model(path: Path, dtype: str | None = None, lazy: bool = False) -> Mode
         _quantize(model, qcfg, weights)
     model.load_weights(list(weights.items()), strict=True)
     model.generation_config = load_generation_config(path, config)
+    prepare_model(model)
     if not lazy:
         mx.eval(model.parameters())
     return model

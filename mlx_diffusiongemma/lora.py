@@ -37,19 +37,6 @@ DEFAULT_RANK = 8
 DEFAULT_SCALE = 20.0  # mlx-lm's default LoRA scale
 
 
-class LoRASwitch(LoRASwitchLinear):
-    """mlx-lm's `LoRASwitchLinear` plus a merged `weight`: `model._switch` reads it on the CPU backend for
-    half-precision inputs, since MLX's CPU `gather_mm` is float32-only (float32 and Metal call the module)."""
-
-    @property
-    def weight(self) -> mx.array:
-        base = self.linear
-        w = base.weight
-        if isinstance(base, QuantizedSwitchLinear):
-            w = mx.dequantize(w, base.scales, base.get("biases"), base.group_size, base.bits, mode=base.mode)
-        return w.astype(mx.float32) + (self.scale * self.lora_b) @ self.lora_a  # (E, out, r) @ (E, r, in)
-
-
 def _targets(model, modules):
     """(parent module, attribute name) of every present target linear."""
     for layer in model.layers:
@@ -61,11 +48,8 @@ def _targets(model, modules):
 
 
 def _wrap(base, rank: int, scale: float, dropout: float):
-    if isinstance(base, (SwitchLinear, QuantizedSwitchLinear)):
-        lora = LoRASwitch(base.input_dims, base.output_dims, base.num_experts, r=rank, dropout=dropout, scale=scale)
-        lora.linear = base
-        return lora
-    return LoRALinear.from_base(base, r=rank, scale=scale, dropout=dropout)
+    lora = LoRASwitchLinear if isinstance(base, (SwitchLinear, QuantizedSwitchLinear)) else LoRALinear
+    return lora.from_base(base, r=rank, scale=scale, dropout=dropout)
 
 
 def apply_lora(

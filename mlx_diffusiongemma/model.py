@@ -10,11 +10,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from functools import partial
+from collections.abc import Callable
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
+from mlx_lm.models.switch_layers import SwitchLinear
 
 from .cache import LayerCache, cache_offset
 from .config_checks import FULL, SLIDING, check_args, check_rope
@@ -246,16 +247,6 @@ class Router(nn.Module):
         return idx, w * self.per_expert_scale[idx]  # fp32 weights, as in the reference
 
 
-def _switch(layer: nn.Module, x: mx.array, idx: mx.array, sort: bool) -> mx.array:
-    on_cpu = mx.default_device().type == mx.DeviceType.cpu
-    if isinstance(layer, QuantizedSwitchLinear) or not on_cpu or x.dtype == mx.float32:
-        return layer(x, idx, sorted_indices=sort)
-    # MLX's CPU gather_mm is float32-only: compute in fp32, round like a half-precision matmul would.
-    w = layer.weight.astype(mx.float32).swapaxes(-1, -2)
-    y = mx.gather_mm(x.astype(mx.float32), w, rhs_indices=idx, sorted_indices=sort)
-    return y.astype(x.dtype)
-
-
 class Experts(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -274,8 +265,8 @@ class Experts(nn.Module):
             xs, ids = x[order // k], flat[order]
         else:
             xs, ids = mx.expand_dims(x, -3), idx
-        gate, up = mx.split(_switch(self.gate_up_proj, xs, ids, sort), 2, axis=-1)
-        y = _switch(self.down_proj, gelu(gate) * up, ids, sort)
+        gate, up = mx.split(self.gate_up_proj(xs, ids, sorted_indices=sort), 2, axis=-1)
+        y = self.down_proj(gelu(gate) * up, ids, sorted_indices=sort)
         y = y[mx.argsort(order)] if sort else y
         y = _wide(y.reshape(N, k, -1))
         return (y * weights[..., None]).sum(axis=1)  # fp32 accumulation over the top-k experts
@@ -455,10 +446,11 @@ class Model(nn.Module):
         self_conditioning_logits: mx.array | None = None,
         *,
         self_conditioning_probs: mx.array | None = None,
-        apply_softcap: bool = True,
+        softcap_kernel: Callable[[mx.array], mx.array] = softcap,
     ) -> mx.array:
         """Bidirectional canvas pass over `[cache ; canvas]` (the cache is read, never advanced); returns `[B, C,
-        V]` fp32 logits, softcapped unless `apply_softcap=False` (the loop fuses it with its vocabulary pass).
+        V]` fp32 softcapped logits. `softcap_kernel` computes `softcap` (the denoising loop passes its
+        backend's: `backend.select`).
         `self_conditioning_logits` are the previous step's temperature-scaled logits (None on a canvas's first
         step), or the loop passes their softmax, computed with its statistics, as `self_conditioning_probs`."""
         dec = self.model.decoder
@@ -475,8 +467,7 @@ class Model(nn.Module):
         for i, layer in enumerate(self.layers):
             t = self.args.layer_types[i]
             x = layer(x, ropes[t], cache[i].with_canvas, masks[t], layer.layer_scalar)
-        logits = self.lm_head(x)
-        return softcap(logits) if apply_softcap else logits
+        return softcap_kernel(self.lm_head(x))
 
     @staticmethod
     def sanitize(weights: dict[str, mx.array]) -> dict[str, mx.array]:
