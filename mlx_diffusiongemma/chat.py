@@ -17,10 +17,11 @@ import math
 import sys
 
 from .console import (
-    check_context, check_text, lenient_stdin, make_output, parse_template_config, print_stats, reply_length,
+    check_context, check_max_tokens, check_text, lenient_stdin, make_output, parse_template_config, print_stats, reply_length,
     stream_reply,
 )
 from .errors import ChatTemplateError, ContextLengthError, UsageError
+from .live import isatty
 
 HELP = """\
 Commands:
@@ -42,9 +43,8 @@ def run_chat(
     if system_prompt is not None:
         check_text(system_prompt, "--system-prompt")
     lenient_stdin()
-    if max_tokens is not None and max_tokens < 1:
-        raise UsageError(f"--max-tokens must be at least 1 (got {max_tokens})")
-    interactive = _isatty(sys.stdin)
+    check_max_tokens(max_tokens)
+    interactive = isatty(sys.stdin)
     if interactive:
         _enable_readline()
         _note(f"Loading {model} ...")
@@ -174,10 +174,3 @@ def _enable_readline() -> None:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
         pass
-
-
-def _isatty(stream) -> bool:
-    try:
-        return stream.isatty()
-    except (AttributeError, ValueError):
-        return False

@@ -43,14 +43,19 @@ def parse_template_config(value: str | None) -> dict[str, Any] | None:
     return config
 
 
+def check_max_tokens(max_tokens: int | None) -> None:
+    """`--max-tokens`, when given, is at least 1 (one line otherwise)."""
+    if max_tokens is not None and max_tokens < 1:
+        raise UsageError(f"--max-tokens must be at least 1 (got {max_tokens})")
+
+
 def check_context(model, prompt_tokens: int, max_tokens: int, canvas_length: int, hint: str = "") -> None:
     """Raise `ContextLengthError` unless the prompt and every canvas `max_tokens` needs fit in the context.
 
     Canvases are drafted whole, so `max_tokens` takes `ceil(max_tokens / canvas_length)` full canvases of
     positions after the prompt.
     """
-    if max_tokens < 1:
-        raise UsageError(f"--max-tokens must be at least 1 (got {max_tokens})")
+    check_max_tokens(max_tokens)
     limit = model.args.max_position_embeddings
     canvases = math.ceil(max_tokens / canvas_length)
     need = prompt_tokens + canvases * canvas_length
@@ -147,8 +152,7 @@ def run_generate(
         raise UsageError("--system-prompt needs the chat template (drop --ignore-chat-template)")
     if ignore_chat_template and template_kwargs:
         raise UsageError("--chat-template-config needs the chat template (drop --ignore-chat-template)")
-    if max_tokens is not None and max_tokens < 1:
-        raise UsageError(f"--max-tokens must be at least 1 (got {max_tokens})")
+    check_max_tokens(max_tokens)
     if prompt == "-":
         lenient_stdin()
     text = check_text(sys.stdin.read() if prompt == "-" else prompt, "the prompt")
