@@ -7,8 +7,10 @@ The router and the self-conditioning MLP stay as they are. The encoder and the d
 so one adapter changes both passes. The base model is frozen (quantized or not: QLoRA); only `lora_a` /
 `lora_b` train.
 
-Files (mlx-lm's names): `adapters.safetensors` holds the trainable tensors under their module paths, and
-`adapter_config.json` holds `rank`, `scale`, `dropout` and `modules` (the targets above).
+Files (mlx-lm's names and schema): `adapters.safetensors` holds the trainable tensors under their module
+paths, and `adapter_config.json` holds `fine_tune_type` ("lora"), `num_layers` (every layer) and
+`lora_parameters` (`rank`, `scale`, `dropout`, `keys`: the targets above). Files written before with `rank`,
+`scale`, `dropout` and `modules` at the top level are still read.
 """
 
 from __future__ import annotations
@@ -84,7 +86,7 @@ def save_adapters(model, path: str | Path, config: dict, name: str = ADAPTER_FIL
         settings = path / f".{CONFIG_FILE}.partial-{os.getpid()}.json"
         try:
             mx.save_safetensors(str(tensors), adapter_weights(model))
-            settings.write_text(json.dumps(config, indent=2) + "\n")
+            settings.write_text(json.dumps(_file_config(config, len(model.layers)), indent=2) + "\n")
             replace_files({tensors: path / name, settings: path / CONFIG_FILE})
         except BaseException as e:
             tensors.unlink(missing_ok=True)
@@ -98,10 +100,33 @@ def save_adapters(model, path: str | Path, config: dict, name: str = ADAPTER_FIL
     return path
 
 
-def _check_adapter_config(config, file: Path) -> dict:
-    """The adapter config, if every field `load_adapters` uses is valid; else one line naming the field."""
+def _file_config(config: dict, num_layers: int) -> dict:
+    """`apply_lora`'s config in mlx-lm's `adapter_config.json` schema."""
+    params = {"rank": config["rank"], "scale": config["scale"], "dropout": config.get("dropout", 0.0),
+              "keys": list(config.get("modules", TARGETS))}
+    return {"fine_tune_type": "lora", "num_layers": num_layers, "lora_parameters": params}
+
+
+def _flat_config(config, file: Path) -> dict:
+    """mlx-lm's schema (or the flat one written before it) as `{rank, scale, dropout, modules, num_layers}`."""
     if not isinstance(config, dict):
         raise CheckpointError(f"{file} must hold a JSON object; re-create the adapters with finetune")
+    if "lora_parameters" not in config:
+        return config  # the flat layout: rank, scale, dropout, modules
+    kind, params = config.get("fine_tune_type", "lora"), config["lora_parameters"]
+    if kind != "lora":
+        raise CheckpointError(f"{file}: fine_tune_type {kind!r} is not supported (only 'lora')")
+    if not isinstance(params, dict):
+        raise CheckpointError(f"{file}: 'lora_parameters' must be a JSON object; re-create the adapters")
+    flat = {k: params[k] for k in ("rank", "scale", "dropout") if k in params}
+    if "keys" in params:
+        flat["modules"] = params["keys"]
+    return {**flat, "num_layers": config.get("num_layers")}
+
+
+def _check_adapter_config(config, file: Path) -> dict:
+    """The adapter config, if every field `load_adapters` uses is valid; else one line naming the field."""
+    config = _flat_config(config, file)
     missing = [key for key in ("rank", "scale") if key not in config]
     if missing:
         raise CheckpointError(f"{file} has no {missing[0]!r}; re-create the adapters with finetune")
@@ -136,6 +161,9 @@ def load_adapters(model, path: str | Path) -> dict:
         weights = mx.load(str(path / ADAPTER_FILE))
     except (OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"cannot read the adapters in {path} ({e})") from None
+    if config.get("num_layers") not in (None, -1, len(model.layers)):
+        raise CheckpointError(f"adapters in {path} cover {config['num_layers']} layers; this model has "
+                              f"{len(model.layers)} and only adapters on every layer are supported")
     apply_lora(model, config["rank"], config["scale"], 0.0, config.get("modules", TARGETS))
     expected = adapter_weights(model)
     if set(weights) != set(expected):

@@ -124,7 +124,9 @@ def test_adapters_round_trip_and_fuse(ckpt, example, tmp_path):
             lin.lora_b = mx.random.normal(lin.lora_b.shape) * 0.1
     save_adapters(model, tmp_path / "ad", config)
     assert {p.name for p in (tmp_path / "ad").iterdir()} == {"adapters.safetensors", "adapter_config.json"}
-    assert json.loads((tmp_path / "ad" / "adapter_config.json").read_text())["rank"] == 4
+    saved = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    assert saved["fine_tune_type"] == "lora" and saved["num_layers"] == len(model.layers)  # mlx-lm's schema
+    assert saved["lora_parameters"]["rank"] == 4 and saved["lora_parameters"]["keys"] == config["modules"]
 
     def logits(m):
         cache = m.make_cache()
