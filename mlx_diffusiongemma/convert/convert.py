@@ -249,17 +249,19 @@ class _ShardFiles:
         return total
 
 
-def _progress_printer() -> Callable[[int, int], None] | None:
+def _progress_bar() -> Callable[[int, int], None] | None:
+    """A tqdm bar on stderr when it is a terminal (nothing otherwise), as `progress` expects it."""
     if not sys.stderr.isatty():
         return None
-    last = [0.0]
+    from tqdm import tqdm
+
+    bar = tqdm(desc="converting", unit="tensor", file=sys.stderr, mininterval=0.1)
 
     def show(done: int, total: int) -> None:
-        now = time.monotonic()
-        if done == total or now - last[0] > 0.1:
-            last[0] = now
-            end = "\n" if done == total else ""
-            print(f"\rconverting: {done}/{total} tensors", end=end, file=sys.stderr, flush=True)
+        bar.total = total
+        bar.update(done - bar.n)
+        if done == total:
+            bar.close()
 
     return show
 
@@ -469,7 +471,7 @@ def convert(
     if dst.exists() and (dst.resolve() == src.resolve() or dst.resolve() in src.resolve().parents):
         raise CheckpointError(f"{dst} holds the source checkpoint; choose another output folder")
     if progress is None:
-        progress = _progress_printer()
+        progress = _progress_bar()
     shard_cap = int(os.environ.get(_SHARD_ENV) or MAX_SHARD_BYTES)
 
     try:  # a concurrent run to `dst` makes this refuse, or with `force` wait for it and then replace its output
