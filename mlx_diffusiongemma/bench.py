@@ -357,7 +357,7 @@ def bench(
     return the report (text or JSON). `batch` > 1 times that many prompts denoised together instead."""
     import json
 
-    from .drafter import resolve_drafter
+    from .drafter import drafter_for
 
     if (model_path is None) == (random is None):
         raise DiffusionGemmaError("pass exactly one of --model PATH and --random PRESET")
@@ -403,7 +403,7 @@ def bench(
                           "use a quantized conversion (`convert -q`)")
         _evaluate(model, f"loading {model_path}")
     overrides = {"max_denoising_steps": steps, "adaptive_stop": False} if steps else None
-    config = resolve_drafter(drafter, model.generation_config, model.args.canvas_length, overrides)
+    config = drafter_for(model, drafter, overrides)
     if batch > 1:
         return _bench_batch(model, config, label, prompt_tokens, canvases, batch, repeat, as_json)
     run_once(model, config, prompt_tokens, 1, seed=0)  # warm-up: compilation and allocation

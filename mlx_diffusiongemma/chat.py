@@ -50,13 +50,13 @@ def run_chat(
         _note(f"Loading {model} ...")
 
     from .cache import PromptCache
-    from .drafter import resolve_drafter
+    from .drafter import drafter_for
     from .generate import prompt_to_ids
     from .loader import load
     from .noise import MLXNoise
 
     m, tokenizer = load(model, dtype=dtype, adapter_path=adapter_path)
-    config = resolve_drafter(drafter, getattr(m, "generation_config", None), m.args.canvas_length)
+    config = drafter_for(m, drafter)
     opening = [{"role": "system", "content": system_prompt}] if system_prompt else []
     if max_tokens is not None:  # refused now, not at every message
         first = prompt_to_ids(tokenizer, [*opening, {"role": "user", "content": ""}], True, template_kwargs)

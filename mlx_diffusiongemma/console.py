@@ -72,15 +72,15 @@ def reply_length(model, max_tokens: int | None) -> int:
     """`--max-tokens` if given, else the checkpoint's `max_new_tokens` (the released one says 256), else 256."""
     if max_tokens is not None:
         return max_tokens
-    configured = (getattr(model, "generation_config", None) or {}).get("max_new_tokens")
+    configured = model.generation_config.get("max_new_tokens")
     return configured if isinstance(configured, int) and configured > 0 else DEFAULT_MAX_TOKENS
 
 
 def make_output(model, tokenizer, live: bool, stream=None) -> TerminalOutput:
-    from .generate import _eos_ids
+    from .generate import eos_ids
     from .hidden import hidden_token_ids
 
-    return TerminalOutput(tokenizer, stream, live=live, eos_ids=_eos_ids(model, tokenizer),
+    return TerminalOutput(tokenizer, stream, live=live, eos_ids=eos_ids(model, tokenizer),
                           hidden_ids=hidden_token_ids(model, tokenizer))
 
 
@@ -159,12 +159,12 @@ def run_generate(
     if system_prompt is not None:
         check_text(system_prompt, "--system-prompt")
 
-    from .drafter import resolve_drafter
+    from .drafter import drafter_for
     from .generate import prompt_to_ids
     from .loader import load
 
     m, tokenizer = load(model, dtype=dtype, adapter_path=adapter_path)
-    config = resolve_drafter(drafter, getattr(m, "generation_config", None), m.args.canvas_length)
+    config = drafter_for(m, drafter)
     max_tokens = reply_length(m, max_tokens)
     if ignore_chat_template:
         request = text

@@ -33,13 +33,13 @@ def run_demo(*, task: str | None, count: int, drafter: str, seed: int | None, li
         raise UsageError(f"--pace must not be negative (got {pace})")
 
     from .console import make_output, stream_reply
-    from .drafter import resolve_drafter
+    from .drafter import drafter_for
     from .generate import prompt_to_ids
     from .loader import load
     from .toy import held_out
 
     m, tokenizer = load(model)
-    config = resolve_drafter(drafter, getattr(m, "generation_config", None), m.args.canvas_length)
+    config = drafter_for(m, drafter)
     rng = random.Random(seed)
     solved = total = steps = 0
     for name in [task] if task else sorted(TASKS):

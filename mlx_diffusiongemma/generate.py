@@ -20,7 +20,7 @@ from mlx_lm.generate import wired_limit
 from . import sampler, speculative
 from .backend import Backend, select
 from .cache import LayerCache, PromptCache
-from .drafter import DrafterConfig, resolve_drafter
+from .drafter import DrafterConfig, drafter_for
 from .hidden import hidden_token_ids, visible
 from .model import Model
 from .noise import MLXNoise, NoiseSource, check_seed
@@ -244,9 +244,10 @@ def prompt_to_ids(tokenizer, prompt, chat_template: bool = True, chat_template_k
     return apply_chat_template(tokenizer, messages, add_generation_prompt=True, **(chat_template_kwargs or {}))
 
 
-def _eos_ids(model: Model, tokenizer) -> list[int]:
+def eos_ids(model: Model, tokenizer) -> list[int]:
+    """The tokenizer's EOS ids, then any more the checkpoint's generation config names (each once)."""
     ids = list(getattr(tokenizer, "eos_token_ids", None) or [])
-    gen = getattr(model, "generation_config", {}) or {}
+    gen = model.generation_config
     extra = gen.get("eos_token_id")
     for i in extra if isinstance(extra, list) else [extra]:
         if isinstance(i, int) and i not in ids:
@@ -254,8 +255,11 @@ def _eos_ids(model: Model, tokenizer) -> list[int]:
     return ids
 
 
+_eos_ids = eos_ids  # the name batch.py and callers outside this module imported first
+
+
 def _pad_id(model: Model) -> int:
-    pad = (getattr(model, "generation_config", None) or {}).get("pad_token_id")
+    pad = model.generation_config.get("pad_token_id")
     return model.args.pad_token_id if pad is None else pad
 
 
@@ -293,8 +297,7 @@ def stream_generate(
     Yields:
         `GenerationResponse`; the last one has `finish_reason` "stop" (EOS) or "length".
     """
-    if not isinstance(drafter, DrafterConfig):
-        drafter = resolve_drafter(drafter, getattr(model, "generation_config", None), model.args.canvas_length)
+    drafter = drafter_for(model, drafter)
     seed = secrets.randbits(31) if seed is None else check_seed(seed)
     noise = MLXNoise(seed) if noise is None else noise
     ids = prompt_to_ids(tokenizer, prompt, chat_template, chat_template_kwargs)
@@ -302,7 +305,7 @@ def stream_generate(
         raise ValueError("max_tokens must be at least 1")
     detok = tokenizer.detokenizer
     detok.reset()
-    eos = _eos_ids(model, tokenizer)
+    eos = eos_ids(model, tokenizer)
     prompt_cache = PromptCache() if prompt_cache is None else prompt_cache
     reused = prompt_cache.reusable_prefix(ids)
     layers = prompt_cache.layers if reused else model.make_cache()

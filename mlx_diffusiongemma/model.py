@@ -366,6 +366,8 @@ class Model(nn.Module):
         self.args = args
         self.model = _Stacks(args)
         self._inv_freq = {t: inv_frequencies(args, t) for t in (SLIDING, FULL)}
+        # The checkpoint's generation_config.json (the loader fills it): EOS and pad ids, drafter defaults.
+        self.generation_config: dict[str, Any] = {}
 
     @property
     def dtype(self):
