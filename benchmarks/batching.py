@@ -38,10 +38,10 @@ import numpy as np  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 
 from mlx_diffusiongemma import load  # noqa: E402
+from mlx_diffusiongemma.backend import select  # noqa: E402
 from mlx_diffusiongemma.batch import BatchDenoiser  # noqa: E402
 from mlx_diffusiongemma.bench import random_model, run_batch, run_once  # noqa: E402
 from mlx_diffusiongemma.drafter import resolve_drafter  # noqa: E402
-from mlx_diffusiongemma.generate import vocab_passes  # noqa: E402
 from mlx_diffusiongemma.noise import MLXNoise  # noqa: E402
 
 
@@ -73,14 +73,14 @@ def pass_split(model, drafter, lengths: list[int], repeat: int = 3) -> tuple[flo
     list(engine._admit())
     canvas = mx.array(rng.integers(0, V, (batch, C)))
     sc = mx.full((batch, C, V), 1.0 / V)  # every pass after a canvas's first self-conditions
-    stats, _ = vocab_passes()
+    backend = select()
     forward, vocab = [], []
     for _ in range(repeat + 1):  # the first is a warm-up
         tic = time.perf_counter()
-        raw = model.decode(canvas, engine.cache, self_conditioning_probs=sc, apply_softcap=False)
+        raw = model.decode(canvas, engine.cache, self_conditioning_probs=sc, softcap_kernel=backend.softcap)
         mx.eval(raw)
         mid = time.perf_counter()
-        mx.eval(*stats(raw, 0.6, model.dtype))
+        mx.eval(*backend.vocab_stats(raw, 0.6, model.dtype))
         forward.append(mid - tic)
         vocab.append(time.perf_counter() - mid)
     return 1000 * statistics.median(forward[1:]), 1000 * statistics.median(vocab[1:])

@@ -33,13 +33,22 @@ from openblas import reexec_with_openblas  # noqa: E402
 MEDIUM = dict(hidden_size=512, intermediate_size=1024, num_attention_heads=8, num_key_value_heads=4, head_dim=64,
               global_head_dim=128, num_global_key_value_heads=2, num_experts=16, top_k_experts=4,
               moe_intermediate_size=256, sliding_window=512, max_position_embeddings=4096)
+# Other shapes of the same cost class: where the expert gathers dominate (many small experts, as the released
+# model's 128 top-8) and where the dense matmuls do (few wide experts).
+GEOMETRIES = {
+    "medium": (MEDIUM, "hidden 512, 6 layers, 16 experts top-4"),
+    "many-experts": ({**MEDIUM, "num_experts": 64, "top_k_experts": 8, "moe_intermediate_size": 64},
+                     "hidden 512, 6 layers, 64 experts top-8 of width 64"),
+    "wide": ({**MEDIUM, "hidden_size": 1024, "intermediate_size": 2048, "num_experts": 8, "top_k_experts": 2,
+              "moe_intermediate_size": 1024}, "hidden 1024, 6 layers, 8 experts top-2 of width 1024"),
+}
 
 
-def build(path: Path, vocab: int, canvas: int) -> Path:
+def build(path: Path, vocab: int, canvas: int, geometry: dict = MEDIUM) -> Path:
     from checkpoints import build_checkpoint
 
     path = build_checkpoint(path, layout="hub", seed=0, num_layers=6, vocab_size=vocab, canvas_length=canvas,
-                            embed_std=None, **MEDIUM)
+                            embed_std=None, **geometry)
     # Give the small test tokenizer an entry for every model id: mlx-vlm's detokenizer indexes by id.
     file = path / "tokenizer.json"
     tokenizer = json.loads(file.read_text())
@@ -62,7 +71,7 @@ def time_runs(run, repeat: int) -> tuple[list[float], int]:
     return times, passes
 
 
-def ours(path: Path, ids, canvases: int, steps: int, repeat: int):
+def ours(path: Path, ids, canvases: int, steps: int, repeat: int, breakdown: bool = True):
     import mlx.core as mx
 
     from mlx_diffusiongemma.drafter import resolve_drafter
@@ -80,7 +89,7 @@ def ours(path: Path, ids, canvases: int, steps: int, repeat: int):
         return sum(e.steps for e in events if e.kind == "commit")
 
     times, passes = time_runs(run, repeat)
-    return times, passes, _forward_seconds(model, prompt, canvases, steps)
+    return times, passes, _forward_seconds(model, prompt, canvases, steps) if breakdown else None
 
 
 def _forward_seconds(model, prompt, canvases: int, steps: int, repeat: int = 3) -> dict[str, float]:
@@ -88,13 +97,14 @@ def _forward_seconds(model, prompt, canvases: int, steps: int, repeat: int = 3) 
 
     `forward`: the prefill; every decoder pass (embedding, self-conditioning matmul and MLP from a canvas's
     second pass on, layers, LM head), over the cache that canvas sees; the commit passes. Without the final
-    logit softcap. `softcap`: that softcap (and the temperature) over every decoder pass's logits, which the
-    reference computes in its forward and our loop in its sampler pass, timed as the loop runs it.
+    logit softcap. `softcap`: that softcap over every decoder pass's logits, timed with the kernel the loop
+    uses on this backend (`backend.select()`: NumPy on the host on the CPU backend).
     """
     import mlx.core as mx
-    import numpy as np
 
-    from mlx_diffusiongemma import host, sampler
+    from mlx_diffusiongemma.backend import select
+
+    plain = lambda x: x  # noqa: E731  (the forward alone: no softcap)
 
     C, V = model.args.canvas_length, model.args.vocab_size
     canvas = mx.array(list(range(C)), dtype=mx.int32)[None] % V
@@ -115,19 +125,14 @@ def _forward_seconds(model, prompt, canvases: int, steps: int, repeat: int = 3) 
     probs = mx.softmax(mx.random.normal((1, C, V)), axis=-1)
     total = timed(lambda cache: (model.encode(prompt, model.make_cache()), [])[1])  # the prefill
     for i in range(canvases):  # canvas i attends to the prompt and the i canvases committed before it
-        total += timed(lambda cache: model.decode(canvas, cache, apply_softcap=False), i)
+        total += timed(lambda cache: model.decode(canvas, cache, softcap_kernel=plain), i)
         total += (steps - 1) * timed(
-            lambda cache: model.decode(canvas, cache, self_conditioning_probs=probs, apply_softcap=False), i)
+            lambda cache: model.decode(canvas, cache, self_conditioning_probs=probs, softcap_kernel=plain), i)
         if i:
             total += timed(lambda cache: (model.encode(canvas, cache), [c.keys for c in cache])[1], i - 1)
     logits = mx.random.normal((1, C, V)) * 10
     mx.eval(logits)
-    if host.enabled():
-        rows = np.asarray(logits).reshape(C, V)
-        out = np.empty_like(rows)
-        cap = timed(lambda _: (host.scale_rows(rows, 0.6, out), [])[1], samples=5 * repeat)
-    else:
-        cap = timed(lambda _: sampler.scaled_logits(logits, 0.6), samples=5 * repeat)
+    cap = timed(lambda _: select().softcap(logits), samples=5 * repeat)  # the host kernel writes in place
     return {"forward": total, "softcap": canvases * steps * cap}
 
 
@@ -215,6 +220,8 @@ def main() -> None:
     parser.add_argument("--engines", default="ours,mlx-vlm,transformers")
     parser.add_argument("--no-openblas", action="store_true", help="Keep MLX's own (slow) CPU BLAS.")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--geometry", choices=sorted(GEOMETRIES), default="medium")
+    parser.add_argument("--no-breakdown", action="store_true", help="Skip timing our forward passes alone.")
     a = parser.parse_args()
 
     blas = reexec_with_openblas(not a.no_openblas)
@@ -227,9 +234,11 @@ def main() -> None:
     engines = {"ours": ours, "mlx-vlm": mlx_vlm, "transformers": transformers_engine}
     rows, forward = {}, None
     with tempfile.TemporaryDirectory() as tmp:
-        path = build(Path(tmp) / "medium", a.vocab, a.canvas_length)
+        geometry, described = GEOMETRIES[a.geometry]
+        path = build(Path(tmp) / a.geometry, a.vocab, a.canvas_length, geometry)
         for name in a.engines.split(","):
-            result = engines[name](path, ids, a.canvases, a.steps, a.repeat)
+            extra = {"breakdown": not a.no_breakdown} if name == "ours" else {}
+            result = engines[name](path, ids, a.canvases, a.steps, a.repeat, **extra)
             if name == "ours":
                 times, passes, forward = result
             else:
@@ -246,7 +255,7 @@ def main() -> None:
         ms = {k: 1000 * v / a.canvases for k, v in forward.items()} if forward else None
         print(json.dumps({"blas": blas, "rows": rows, "ours_per_canvas_ms": ms}, indent=2))
         return
-    print(f"medium random checkpoint (hidden 512, 6 layers, 16 experts top-4, vocab {a.vocab}), fp32, "
+    print(f"{a.geometry} random checkpoint ({described}, vocab {a.vocab}), fp32, "
           f"canvas {a.canvas_length}, {a.steps} steps x {a.canvases} canvases, {a.prompt_tokens}-token prompt; "
           f"BLAS: {blas}")
     base = rows.get("ours", {}).get("ms_per_canvas")
@@ -258,8 +267,8 @@ def main() -> None:
     if base and forward:
         work, cap = 1000 * forward["forward"] / a.canvases, 1000 * forward["softcap"] / a.canvases
         print(f"ours, per canvas: {work:.0f} ms in the model's forward passes (MLX; prefill share, {a.steps} decoder "
-              f"passes, commit pass, each timed alone), {cap:.0f} ms in the final softcap 30*tanh(x/30) and "
-              f"temperature (the reference's forward does the softcap; our sampler pass does it, on the host)")
+              f"passes, commit pass, each timed alone), {cap:.0f} ms in the final softcap 30*tanh(x/30) "
+              f"(the model's, through the backend's kernel: NumPy on the host on the CPU backend)")
         print(f"ours: time outside the forward passes (sampler, loop): {100 * (1 - (work + cap) / base):.1f}% of a "
               f"canvas with the softcap counted as forward, {100 * (1 - work / base):.1f}% counting it outside")
 

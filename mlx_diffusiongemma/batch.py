@@ -22,14 +22,16 @@ import mlx.core as mx
 from mlx_lm.generate import wired_limit
 
 from . import sampler
+from .backend import select
 from .batch_cache import BatchLayerCache, BatchNoise
-from .drafter import DrafterConfig, resolve_drafter
+from .drafter import DrafterConfig, drafter_for
 from .errors import DiffusionGemmaError, DrafterConfigError
 from .hidden import hidden_token_ids
 from .generate import (
-    PREFILL_STEP, DenoiseEvent, GenerationResponse, Progress, _eos_ids, _new_tokens, _pad_id, denoise_canvas,
-    prefill, prompt_to_ids,
+    PREFILL_STEP, DenoiseEvent, GenerationResponse, Progress, _new_tokens, _pad_id, denoise_canvas, prefill,
+    prompt_to_ids,
 )
+from .generate import eos_ids as model_eos_ids  # (BatchDenoiser takes an `eos_ids` list)
 from .model import SLIDING, Model, ModelArgs
 from .noise import MLXNoise, NoiseSource
 
@@ -97,6 +99,7 @@ class BatchDenoiser:
         self.rows: list[_Row] = []
         self.queue: deque[_Row] = deque()
         self._next_id = 0
+        self.backend = select()
 
     def submit(self, ids: Sequence[int], noise: NoiseSource, max_tokens: int) -> int:
         """Queue a request; returns its id. Raises `MemoryBudgetError` if it could never fit the budget."""
@@ -161,7 +164,7 @@ class BatchDenoiser:
         noise = BatchNoise([row.noise for row in self.rows])
         argmax, steps = None, 0
         for argmax, steps in denoise_canvas(self.model, self.cache, self.drafter, noise, len(self.rows),
-                                            stopped=noise.freeze):
+                                            stopped=noise.freeze, backend=self.backend):
             pass
         committed, has_eos = sampler.finalize_eos(argmax, self.eos_ids, self.pad_id)
         mx.eval(committed, has_eos)
@@ -193,10 +196,9 @@ class BatchGenerator:
 
     def __init__(self, model: Model, tokenizer, *, drafter: DrafterConfig | str | Path | None = None,
                  memory_budget: int | None = None, max_batch: int | None = None, prefill_step: int = PREFILL_STEP):
-        if not isinstance(drafter, DrafterConfig):
-            drafter = resolve_drafter(drafter, getattr(model, "generation_config", None), model.args.canvas_length)
+        drafter = drafter_for(model, drafter)
         self.model, self.tokenizer, self.drafter = model, tokenizer, drafter
-        self.eos = _eos_ids(model, tokenizer)
+        self.eos = model_eos_ids(model, tokenizer)
         self.hidden = hidden_token_ids(model, tokenizer)
         self.engine = BatchDenoiser(model, drafter, self.eos, _pad_id(model), memory_budget=memory_budget,
                                     max_batch=max_batch, prefill_step=prefill_step)

@@ -18,6 +18,7 @@ import numpy as np
 
 from mlx.utils import tree_flatten
 
+from .backend import prepare_model
 from .errors import ContextLengthError, DiffusionGemmaError, UsageError
 from .generate import denoise
 from .loader import DTYPES
@@ -160,7 +161,7 @@ def random_model(preset: str, dtype: str = "bfloat16", q_bits: int | None = None
         nn.quantize(model, class_predicate=lambda path, m: _recipe(path, m, q_bits))
     _evaluate(model, f"building random {preset} weights")
     model.generation_config = {}
-    return model
+    return prepare_model(model)
 
 
 def _evaluate(model: Model, label: str) -> None:
@@ -177,11 +178,11 @@ def _evaluate(model: Model, label: str) -> None:
 
 def _recipe(path: str, module: nn.Module, bits: int):
     """The community mix `convert` writes by default: experts and self-conditioning at `bits`, the rest 8."""
-    from .convert.convert import quant_setting
+    from .quantization import recipe_setting
 
     if not hasattr(module, "to_quantized") or module.weight.shape[-1] % 64:
         return False
-    return quant_setting(path, "mixed", {"group_size": 64, "bits": bits, "mode": "affine"})
+    return recipe_setting(path, "mixed", {"group_size": 64, "bits": bits, "mode": "affine"})
 
 
 @dataclass
@@ -356,7 +357,7 @@ def bench(
     return the report (text or JSON). `batch` > 1 times that many prompts denoised together instead."""
     import json
 
-    from .drafter import resolve_drafter
+    from .drafter import drafter_for
 
     if (model_path is None) == (random is None):
         raise DiffusionGemmaError("pass exactly one of --model PATH and --random PRESET")
@@ -367,6 +368,10 @@ def bench(
         raise UsageError(f"--steps must be 0 (the drafter's own rules) or more (got {steps})")
     if adapter_path is not None and random is not None:
         raise UsageError("--adapter-path needs --model: adapters belong to the checkpoint they were trained on")
+    if q_bits is not None:
+        from .quantization import check_quantization
+
+        check_quantization(q_bits, 64)  # the group size `_recipe` builds with
     if batch > 1:  # before any weights are built or read
         from .batch import check_batch_drafter
         from .drafter import load_drafter_config
@@ -398,7 +403,7 @@ def bench(
                           "use a quantized conversion (`convert -q`)")
         _evaluate(model, f"loading {model_path}")
     overrides = {"max_denoising_steps": steps, "adaptive_stop": False} if steps else None
-    config = resolve_drafter(drafter, model.generation_config, model.args.canvas_length, overrides)
+    config = drafter_for(model, drafter, overrides)
     if batch > 1:
         return _bench_batch(model, config, label, prompt_tokens, canvases, batch, repeat, as_json)
     run_once(model, config, prompt_tokens, 1, seed=0)  # warm-up: compilation and allocation

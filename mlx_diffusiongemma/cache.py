@@ -86,6 +86,39 @@ class LayerCache:
         return self.keys[..., : self.length, :], self.values[..., : self.length, :]
 
 
+class ArrayCache:
+    """One layer's K/V as plain arrays, joined by concatenation instead of written into buffers: differentiable,
+    for training. `Model.encode` fills it over a whole sequence (every position kept: the encoder's own masks
+    apply the sliding window), and `prefix(n, window)` is the cache the decoder would see after only the first
+    n positions had been encoded: a causal position's K/V depend only on what precedes it."""
+
+    def __init__(self, keys: mx.array | None = None, values: mx.array | None = None, offset: int = 0):
+        self.keys, self.values, self.offset = keys, values, offset
+
+    @property
+    def length(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[2]
+
+    def with_canvas(self, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:
+        if self.keys is None:
+            return k, v
+        return mx.concatenate([self.keys, k], axis=2), mx.concatenate([self.values, v], axis=2)
+
+    def append(self, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:
+        self.keys, self.values = self.with_canvas(k, v)
+        self.offset += k.shape[2]
+        return self.keys, self.values
+
+    def padding_mask(self, new: int) -> None:
+        return None
+
+    def prefix(self, n: int, window: int | None = None) -> "ArrayCache":
+        """A read-only view of the first `n` positions, retaining the last `window - 1` of them as a sliding
+        layer's `LayerCache` does."""
+        start = max(0, n - (window - 1)) if window else 0
+        return ArrayCache(self.keys[:, :, start:n], self.values[:, :, start:n], n)
+
+
 def cache_offset(cache: list[LayerCache]) -> int | mx.array:
     """Number of positions encoded so far (every layer has seen the same tokens); per row ([B]) in a batch."""
     return cache[0].offset if cache else 0

@@ -43,14 +43,19 @@ def parse_template_config(value: str | None) -> dict[str, Any] | None:
     return config
 
 
+def check_max_tokens(max_tokens: int | None) -> None:
+    """`--max-tokens`, when given, is at least 1 (one line otherwise)."""
+    if max_tokens is not None and max_tokens < 1:
+        raise UsageError(f"--max-tokens must be at least 1 (got {max_tokens})")
+
+
 def check_context(model, prompt_tokens: int, max_tokens: int, canvas_length: int, hint: str = "") -> None:
     """Raise `ContextLengthError` unless the prompt and every canvas `max_tokens` needs fit in the context.
 
     Canvases are drafted whole, so `max_tokens` takes `ceil(max_tokens / canvas_length)` full canvases of
     positions after the prompt.
     """
-    if max_tokens < 1:
-        raise UsageError(f"--max-tokens must be at least 1 (got {max_tokens})")
+    check_max_tokens(max_tokens)
     limit = model.args.max_position_embeddings
     canvases = math.ceil(max_tokens / canvas_length)
     need = prompt_tokens + canvases * canvas_length
@@ -67,15 +72,15 @@ def reply_length(model, max_tokens: int | None) -> int:
     """`--max-tokens` if given, else the checkpoint's `max_new_tokens` (the released one says 256), else 256."""
     if max_tokens is not None:
         return max_tokens
-    configured = (getattr(model, "generation_config", None) or {}).get("max_new_tokens")
+    configured = model.generation_config.get("max_new_tokens")
     return configured if isinstance(configured, int) and configured > 0 else DEFAULT_MAX_TOKENS
 
 
 def make_output(model, tokenizer, live: bool, stream=None) -> TerminalOutput:
-    from .generate import _eos_ids
+    from .generate import eos_ids
     from .hidden import hidden_token_ids
 
-    return TerminalOutput(tokenizer, stream, live=live, eos_ids=_eos_ids(model, tokenizer),
+    return TerminalOutput(tokenizer, stream, live=live, eos_ids=eos_ids(model, tokenizer),
                           hidden_ids=hidden_token_ids(model, tokenizer))
 
 
@@ -147,20 +152,19 @@ def run_generate(
         raise UsageError("--system-prompt needs the chat template (drop --ignore-chat-template)")
     if ignore_chat_template and template_kwargs:
         raise UsageError("--chat-template-config needs the chat template (drop --ignore-chat-template)")
-    if max_tokens is not None and max_tokens < 1:
-        raise UsageError(f"--max-tokens must be at least 1 (got {max_tokens})")
+    check_max_tokens(max_tokens)
     if prompt == "-":
         lenient_stdin()
     text = check_text(sys.stdin.read() if prompt == "-" else prompt, "the prompt")
     if system_prompt is not None:
         check_text(system_prompt, "--system-prompt")
 
-    from .drafter import resolve_drafter
+    from .drafter import drafter_for
     from .generate import prompt_to_ids
     from .loader import load
 
     m, tokenizer = load(model, dtype=dtype, adapter_path=adapter_path)
-    config = resolve_drafter(drafter, getattr(m, "generation_config", None), m.args.canvas_length)
+    config = drafter_for(m, drafter)
     max_tokens = reply_length(m, max_tokens)
     if ignore_chat_template:
         request = text

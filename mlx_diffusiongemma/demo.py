@@ -38,13 +38,13 @@ def run_demo(*, task: str | None, count: int, drafter: str, seed: int | None, li
         raise UsageError(f"--pace must not be negative (got {pace})")
 
     from .cache import PromptCache
-    from .drafter import resolve_drafter
+    from .drafter import drafter_for
     from .loader import load
     from .noise import MLXNoise
     from .toy import held_out
 
     m, tokenizer = load(model)
-    config = resolve_drafter(drafter, getattr(m, "generation_config", None), m.args.canvas_length)
+    config = drafter_for(m, drafter)
     rng = random.Random(seed)
     prompts = [p for name in ([task] if task else sorted(TASKS)) for p, _ in rng.sample(held_out(name), count)]
     rng.shuffle(prompts)  # the tasks interleaved: each answer must hold whatever the earlier turns were

@@ -309,3 +309,11 @@ def resolve_drafter(
         config["confidence_accept_threshold"] = DEFAULT_CONFIDENCE_ACCEPT_THRESHOLD
     return DrafterConfig(source=source, **config)
 
+
+def drafter_for(model, drafter: DrafterConfig | str | Path | None = None,
+                overrides: Mapping[str, Any] | None = None) -> DrafterConfig:
+    """`drafter` for `model`: a `DrafterConfig` as it is, else `resolve_drafter` with the model's generation
+    config and canvas length (the one place a model and a drafter name meet)."""
+    if isinstance(drafter, DrafterConfig):
+        return drafter
+    return resolve_drafter(drafter, model.generation_config, model.args.canvas_length, overrides)

@@ -23,3 +23,7 @@ class ContextLengthError(DiffusionGemmaError):
 
 class ChatTemplateError(CheckpointError):
     """A checkpoint's chat template is missing, fails to render, or breaks the template sandbox."""
+
+
+class ConversionOptionError(DiffusionGemmaError, ValueError):
+    """An invalid combination of conversion options (dtype, bits, group size, mode, recipe)."""

@@ -17,13 +17,13 @@ from typing import Any
 import mlx.core as mx
 from mlx_lm.generate import wired_limit
 
-from . import host, sampler, speculative
+from . import sampler, speculative
+from .backend import Backend, select
 from .cache import LayerCache, PromptCache
-from .drafter import DrafterConfig, resolve_drafter
+from .drafter import DrafterConfig, drafter_for
 from .hidden import hidden_token_ids, visible
 from .model import Model
 from .noise import MLXNoise, NoiseSource, check_seed
-from .parallel import per_position
 
 PREFILL_STEP = 2048
 
@@ -63,63 +63,37 @@ def _accept(drafter: DrafterConfig, ent: mx.array, total: mx.array) -> mx.array:
     return sampler.entropy_bound_accept(ent, drafter.entropy_bound)
 
 
-def _vocab_stats(raw: mx.array, temp: float, sc_dtype) -> tuple[mx.array, ...]:
-    """Per position: entropy, softmax total, argmax, sampling probabilities, next self-conditioning probs."""
-    scaled, weights, total, ent, argmax = sampler.distribution(raw, temp)
-    probs = weights / total[..., None]
-    # The next step self-conditions on softmax of these logits after rounding them to the weight dtype.
-    sc = probs if sc_dtype == mx.float32 else mx.softmax(scaled.astype(sc_dtype).astype(mx.float32), axis=-1)
-    return ent, total, argmax, probs, sc
-
-
-def _mlx_vocab_stats(raw: mx.array, temp: float, sc_dtype) -> tuple[mx.array, ...]:
-    return per_position(lambda r: _vocab_stats(r, temp, sc_dtype), raw)
-
-
-def _mlx_argmax(raw: mx.array, temp: float) -> mx.array:
-    best = per_position(lambda r: mx.argmax(sampler.scaled_logits(r, temp), axis=-1), raw)
-    return best.astype(mx.int32)
-
-
-def vocab_passes():
-    """`(stats, argmax)` over the LM head's raw logits, resolved once: NumPy's SIMD kernels on the CPU
-    backend (see `host`), MLX's elsewhere. `stats(raw, temp, sc_dtype)` may overwrite `raw`.
-
-    The host pass waits for the logits. On the CPU backend that costs nothing but the overlap of building
-    the next graph (~1.5 ms a step): the host's cores are the device's, and the next pass needs the result.
-    """
-    return (host.vocab_stats, host.argmax) if host.enabled() else (_mlx_vocab_stats, _mlx_argmax)
-
-
 def _pinned(canvas: mx.array, first: mx.array | None) -> mx.array:
     return canvas if first is None else mx.concatenate([first[:, None], canvas[:, 1:]], axis=1)
 
 
 def denoise_canvas(model: Model, cache, drafter: DrafterConfig, noise: NoiseSource, batch: int,
-                   first: mx.array | None = None, stopped: Callable[[mx.array, int], None] | None = None):
+                   first: mx.array | None = None, stopped: Callable[[mx.array, int], None] | None = None,
+                   backend: Backend | None = None):
     """Draft one canvas: yields `(argmax canvas, steps)` after every decoder pass; the last is committed.
 
     `first` ([B] ids), when given, is known to open the canvas (the verifier's choice): it is held fixed in
     every pass's input and output, like a position that is never noised. `stopped(done, steps)`, when given,
     is told after each pass which rows' adaptive stop has fired (the batch engine stops their random streams).
+    `backend` runs the passes over the vocabulary (default: `backend.select()` for the default device).
     """
     N, V, C = drafter.max_denoising_steps, model.args.vocab_size, drafter.canvas_length
-    stats, best_of = vocab_passes()
+    backend = backend or select()
     x = _pinned(noise.randint((batch, C), V), first)
     sc, argmax, history = None, x, ()
     done = mx.zeros((batch,), dtype=mx.bool_)
     for n in range(N, 0, -1):
-        raw = model.decode(x, cache, self_conditioning_probs=sc, apply_softcap=False)
+        logits = model.decode(x, cache, self_conditioning_probs=sc, softcap_kernel=backend.softcap)
         temp = sampler.temperature(n, N, drafter.t_min, drafter.t_max)
         if n == 1:  # only the argmax of the last step is used (committed); its draws are still consumed
             noise.skip_categorical((batch, C))
             noise.randint((batch, C), V)
-            new_argmax = _pinned(best_of(raw, temp), first)
+            new_argmax = _pinned(backend.argmax(logits, temp), first)
             argmax = mx.where(done[:, None], argmax, new_argmax) if drafter.adaptive_stop else new_argmax
             mx.eval(argmax)
             yield argmax, N
             return
-        ent, total, new_argmax, probs, new_sc = stats(raw, temp, model.dtype)
+        ent, total, new_argmax, probs, new_sc = backend.vocab_stats(logits, temp, model.dtype)
         new_argmax = _pinned(new_argmax, first)
         sample = noise.categorical(probs)
         x_new = _pinned(sampler.renoise(sample, _accept(drafter, ent, total), noise.randint((batch, C), V)), first)
@@ -139,7 +113,7 @@ def denoise_canvas(model: Model, cache, drafter: DrafterConfig, noise: NoiseSour
         yield argmax, N - n + 1
         if drafter.adaptive_stop and stopped is not None:
             stopped(done, N - n + 1)
-        # The stop test's sync; on the CPU backend the host vocabulary pass also waits for each pass's logits.
+        # The stop test's sync (on the CPU backend the host vocabulary passes already waited for the logits).
         if drafter.adaptive_stop and done.all().item():
             return
 
@@ -164,12 +138,13 @@ def denoise(
     `max_tokens` tokens are committed (without `max_tokens`: `num_canvases` drafts, or their length in tokens).
     """
     cache = model.make_cache() if cache is None else cache
+    backend = select()
     if drafter.verify == "ar":
         # Without a token budget, `num_canvases` drafts are verified (bench); with one, as many as it takes.
         canvases = num_canvases if max_tokens is None else max_tokens
         budget = num_canvases * drafter.canvas_length if max_tokens is None else max_tokens
         yield from _denoise_verified(model, prompt_ids, drafter, noise, budget, canvases, eos_ids, cache,
-                                     prefill_step)
+                                     prefill_step, backend)
         return
     batch = prompt_ids.shape[0]
     prefill(model, prompt_ids, cache, prefill_step)
@@ -182,7 +157,7 @@ def denoise(
             mx.eval([c.keys for c in cache])
             yield DenoiseEvent("encode", committed, index, 0)
         argmax, steps = None, 0
-        for argmax, steps in denoise_canvas(model, cache, drafter, noise, batch):
+        for argmax, steps in denoise_canvas(model, cache, drafter, noise, batch, backend=backend):
             yield DenoiseEvent("draft", argmax, index, steps)
         committed, has_eos = sampler.finalize_eos(argmax, eos_ids, pad_id, finished)
         finished = finished | has_eos
@@ -192,7 +167,7 @@ def denoise(
             return
 
 
-def _denoise_verified(model, prompt_ids, drafter, noise, budget, canvases, eos_ids, cache, prefill_step):
+def _denoise_verified(model, prompt_ids, drafter, noise, budget, canvases, eos_ids, cache, prefill_step, backend):
     """The speculative commit: draft a canvas opening with the encoder's next token, let the encoder verify it.
 
     Every committed token is the causal encoder's greedy choice after the tokens before it, so the text is
@@ -206,7 +181,7 @@ def _denoise_verified(model, prompt_ids, drafter, noise, budget, canvases, eos_i
     done, index = 0, 0
     while done < budget and index < canvases:
         argmax, steps = None, 0
-        for argmax, steps in denoise_canvas(model, cache, drafter, noise, 1, first=following):
+        for argmax, steps in denoise_canvas(model, cache, drafter, noise, 1, first=following, backend=backend):
             yield DenoiseEvent("draft", argmax, index, steps)
         room = min(budget - done, drafter.canvas_length)
         result = speculative.verify(model, cache, argmax[:, :room], following, eos_ids, drafter.verify_min_prob)
@@ -269,9 +244,10 @@ def prompt_to_ids(tokenizer, prompt, chat_template: bool = True, chat_template_k
     return apply_chat_template(tokenizer, messages, add_generation_prompt=True, **(chat_template_kwargs or {}))
 
 
-def _eos_ids(model: Model, tokenizer) -> list[int]:
+def eos_ids(model: Model, tokenizer) -> list[int]:
+    """The tokenizer's EOS ids, then any more the checkpoint's generation config names (each once)."""
     ids = list(getattr(tokenizer, "eos_token_ids", None) or [])
-    gen = getattr(model, "generation_config", {}) or {}
+    gen = model.generation_config
     extra = gen.get("eos_token_id")
     for i in extra if isinstance(extra, list) else [extra]:
         if isinstance(i, int) and i not in ids:
@@ -279,8 +255,11 @@ def _eos_ids(model: Model, tokenizer) -> list[int]:
     return ids
 
 
+_eos_ids = eos_ids  # the name batch.py and callers outside this module imported first
+
+
 def _pad_id(model: Model) -> int:
-    pad = (getattr(model, "generation_config", None) or {}).get("pad_token_id")
+    pad = model.generation_config.get("pad_token_id")
     return model.args.pad_token_id if pad is None else pad
 
 
@@ -318,8 +297,7 @@ def stream_generate(
     Yields:
         `GenerationResponse`; the last one has `finish_reason` "stop" (EOS) or "length".
     """
-    if not isinstance(drafter, DrafterConfig):
-        drafter = resolve_drafter(drafter, getattr(model, "generation_config", None), model.args.canvas_length)
+    drafter = drafter_for(model, drafter)
     seed = secrets.randbits(31) if seed is None else check_seed(seed)
     noise = MLXNoise(seed) if noise is None else noise
     ids = prompt_to_ids(tokenizer, prompt, chat_template, chat_template_kwargs)
@@ -327,7 +305,7 @@ def stream_generate(
         raise ValueError("max_tokens must be at least 1")
     detok = tokenizer.detokenizer
     detok.reset()
-    eos = _eos_ids(model, tokenizer)
+    eos = eos_ids(model, tokenizer)
     prompt_cache = PromptCache() if prompt_cache is None else prompt_cache
     reused = prompt_cache.reusable_prefix(ids)
     layers = prompt_cache.layers if reused else model.make_cache()

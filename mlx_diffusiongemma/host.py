@@ -1,12 +1,14 @@
-"""The sampler's passes over the vocabulary in NumPy, on the host, for MLX's CPU backend.
+"""The passes over the vocabulary in NumPy, on the host, for MLX's CPU backend (chosen by `backend.select`):
+the model's logit softcap and the sampler's statistics.
 
 MLX's x86 CPU kernels evaluate `exp` and `tanh` one element at a time through library calls (about 10 ns
 each), and a denoising step needs both over all B x C x V logits: at C = 256, V = 32000 MLX took 160 ms for
 these statistics, half a decoder pass; NumPy's SIMD kernels take 8 ms. On the CPU backend the device
-memory is host memory, so the logits are read where they lie (`np.asarray` does not copy) and the
-probabilities are written back into the logits' own buffer, which MLX then reads in the next pass.
+memory is host memory, so the logits are read where they lie (`np.asarray` does not copy) and both the
+softcapped logits and then the probabilities are written back into the logits' own buffer, which MLX then
+reads in the next pass.
 
-The formulas and their order are `sampler.distribution`'s. NumPy's exp and tanh round differently from
+The formulas and their order are `model.softcap`'s and `sampler.vocab_stats`'s. NumPy's exp and tanh round differently from
 MLX's in the last ulp or two (both are within a few ulp of torch's), so this path agrees with the MLX one
 to float32 rounding, not bit for bit; both are token-exact with transformers under the parity tests.
 Positions are split over one thread per core (NumPy releases the GIL in these loops); every row's
@@ -30,13 +32,6 @@ _BLOCK = 1 << 17
 
 _pool: ThreadPoolExecutor | None = None
 _local = threading.local()
-
-
-def enabled() -> bool:
-    """Whether the vocabulary passes run here: on MLX's CPU backend (unless MLX_DIFFUSIONGEMMA_HOST_SAMPLER=0)."""
-    if os.environ.get("MLX_DIFFUSIONGEMMA_HOST_SAMPLER", "1") == "0":
-        return False
-    return mx.default_device().type == mx.DeviceType.cpu
 
 
 def _workers() -> int:
@@ -80,19 +75,23 @@ def _logits_view(raw: mx.array) -> tuple[np.ndarray, bool]:
     return host.reshape(-1, host.shape[-1]), shared
 
 
+def _cap(x: np.ndarray) -> np.ndarray:
+    # `model.softcap`, in its order, in place: 30 * tanh(x / 30).
+    np.divide(x, SOFTCAP, out=x)
+    np.tanh(x, out=x)
+    return np.multiply(x, SOFTCAP, out=x)
+
+
+def softcap(logits: mx.array) -> mx.array:
+    """`model.softcap` over float32 logits [..., V], split over the cores; written into `logits`' own buffer
+    when it can be (then `logits` itself is returned). Evaluates `logits`: not for a traced (trained) graph."""
+    x, shared = _logits_view(logits)
+    _map_blocks(lambda lo, hi, _: _cap(x[lo:hi]), x.shape[0], x.shape[1])
+    return logits if shared else mx.array(x.reshape(logits.shape))
+
+
 def _scale(x: np.ndarray, temp: np.float32, out: np.ndarray) -> np.ndarray:
-    # softcap then temperature, in the reference's order: 30 * tanh(raw / 30), then / t.
-    np.divide(x, SOFTCAP, out=out)
-    np.tanh(out, out=out)
-    np.multiply(out, SOFTCAP, out=out)
-    return np.divide(out, temp, out=out)
-
-
-def scale_rows(x: np.ndarray, temp: float, out: np.ndarray) -> np.ndarray:
-    """`out = 30 * tanh(x / 30) / temp` for float32 rows [N, V], split over the cores (the loop's softcap)."""
-    t = np.float32(temp)
-    _map_blocks(lambda lo, hi, _: _scale(x[lo:hi], t, out[lo:hi]), x.shape[0], x.shape[1])
-    return out
+    return np.divide(x, temp, out=out)  # the reference divides by the temperature (not * 1 / t)
 
 
 def _round_bf16(x: np.ndarray) -> np.ndarray:
@@ -123,9 +122,9 @@ def _stats_rows(x: np.ndarray, y: np.ndarray, temp: np.float32, sc: np.ndarray |
 
 
 def vocab_stats(raw: mx.array, temp: float, sc_dtype) -> tuple[mx.array, ...]:
-    """`generate._vocab_stats` on the host: (entropy, total, argmax, probabilities, self-conditioning probs).
+    """`sampler.vocab_stats` on the host: (entropy, total, argmax, probabilities, self-conditioning probs).
 
-    `raw` is consumed: its buffer is overwritten with the probabilities, returned as the fourth element.
+    `raw` (softcapped logits) is consumed: its buffer is overwritten with the probabilities, returned as the fourth element.
     """
     B, C, V = raw.shape
     x, shared = _logits_view(raw)
@@ -143,7 +142,7 @@ def vocab_stats(raw: mx.array, temp: float, sc_dtype) -> tuple[mx.array, ...]:
 
 
 def argmax(raw: mx.array, temp: float) -> mx.array:
-    """Argmax of the softcapped, temperature-scaled logits (first of equal maxima, as in the reference): [B, C]."""
+    """`sampler.scaled_argmax` on the host: argmax of the temperature-scaled logits (first of equal maxima): [B, C]."""
     B, C, V = raw.shape
     x, _ = _logits_view(raw)
     t = np.float32(temp)

@@ -78,7 +78,7 @@ class TerminalOutput:
     def __init__(self, tokenizer, stream: TextIO | None = None, *, live: bool = True, eos_ids: Iterable[int] = (),
                  hidden_ids: Iterable[int] = ()):
         self.stream = stream if stream is not None else sys.stdout
-        self.tty = _isatty(self.stream)
+        self.tty = isatty(self.stream)
         self.live = live and self.tty and os.environ.get("TERM") != "dumb" and _can_encode(self.stream, "⏎…")
         self.tokenizer = tokenizer
         self.eos = frozenset(eos_ids)
@@ -196,7 +196,8 @@ def _columns(text: str, start: int) -> int:
     return col + cell_width(text.rsplit("\t", 1)[1]) - start
 
 
-def _isatty(stream) -> bool:
+def isatty(stream) -> bool:
+    """Whether `stream` is a terminal; False for a closed stream or one without `isatty`."""
     try:
         return stream.isatty()
     except (AttributeError, ValueError):

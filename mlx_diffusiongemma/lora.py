@@ -7,8 +7,10 @@ The router and the self-conditioning MLP stay as they are. The encoder and the d
 so one adapter changes both passes. The base model is frozen (quantized or not: QLoRA); only `lora_a` /
 `lora_b` train.
 
-Files (mlx-lm's names): `adapters.safetensors` holds the trainable tensors under their module paths, and
-`adapter_config.json` holds `rank`, `scale`, `dropout` and `modules` (the targets above).
+Files (mlx-lm's names and schema): `adapters.safetensors` holds the trainable tensors under their module
+paths, and `adapter_config.json` holds `fine_tune_type` ("lora"), `num_layers` (every layer) and
+`lora_parameters` (`rank`, `scale`, `dropout`, `keys`: the targets above). Files written before with `rank`,
+`scale`, `dropout` and `modules` at the top level are still read.
 """
 
 from __future__ import annotations
@@ -37,19 +39,6 @@ DEFAULT_RANK = 8
 DEFAULT_SCALE = 20.0  # mlx-lm's default LoRA scale
 
 
-class LoRASwitch(LoRASwitchLinear):
-    """mlx-lm's `LoRASwitchLinear` plus a merged `weight`: `model._switch` reads it on the CPU backend for
-    half-precision inputs, since MLX's CPU `gather_mm` is float32-only (float32 and Metal call the module)."""
-
-    @property
-    def weight(self) -> mx.array:
-        base = self.linear
-        w = base.weight
-        if isinstance(base, QuantizedSwitchLinear):
-            w = mx.dequantize(w, base.scales, base.get("biases"), base.group_size, base.bits, mode=base.mode)
-        return w.astype(mx.float32) + (self.scale * self.lora_b) @ self.lora_a  # (E, out, r) @ (E, r, in)
-
-
 def _targets(model, modules):
     """(parent module, attribute name) of every present target linear."""
     for layer in model.layers:
@@ -61,11 +50,8 @@ def _targets(model, modules):
 
 
 def _wrap(base, rank: int, scale: float, dropout: float):
-    if isinstance(base, (SwitchLinear, QuantizedSwitchLinear)):
-        lora = LoRASwitch(base.input_dims, base.output_dims, base.num_experts, r=rank, dropout=dropout, scale=scale)
-        lora.linear = base
-        return lora
-    return LoRALinear.from_base(base, r=rank, scale=scale, dropout=dropout)
+    lora = LoRASwitchLinear if isinstance(base, (SwitchLinear, QuantizedSwitchLinear)) else LoRALinear
+    return lora.from_base(base, r=rank, scale=scale, dropout=dropout)
 
 
 def apply_lora(
@@ -100,7 +86,7 @@ def save_adapters(model, path: str | Path, config: dict, name: str = ADAPTER_FIL
         settings = path / f".{CONFIG_FILE}.partial-{os.getpid()}.json"
         try:
             mx.save_safetensors(str(tensors), adapter_weights(model))
-            settings.write_text(json.dumps(config, indent=2) + "\n")
+            settings.write_text(json.dumps(_file_config(config, len(model.layers)), indent=2) + "\n")
             replace_files({tensors: path / name, settings: path / CONFIG_FILE})
         except BaseException as e:
             tensors.unlink(missing_ok=True)
@@ -114,10 +100,33 @@ def save_adapters(model, path: str | Path, config: dict, name: str = ADAPTER_FIL
     return path
 
 
-def _check_adapter_config(config, file: Path) -> dict:
-    """The adapter config, if every field `load_adapters` uses is valid; else one line naming the field."""
+def _file_config(config: dict, num_layers: int) -> dict:
+    """`apply_lora`'s config in mlx-lm's `adapter_config.json` schema."""
+    params = {"rank": config["rank"], "scale": config["scale"], "dropout": config.get("dropout", 0.0),
+              "keys": list(config.get("modules", TARGETS))}
+    return {"fine_tune_type": "lora", "num_layers": num_layers, "lora_parameters": params}
+
+
+def _flat_config(config, file: Path) -> dict:
+    """mlx-lm's schema (or the flat one written before it) as `{rank, scale, dropout, modules, num_layers}`."""
     if not isinstance(config, dict):
         raise CheckpointError(f"{file} must hold a JSON object; re-create the adapters with finetune")
+    if "lora_parameters" not in config:
+        return config  # the flat layout: rank, scale, dropout, modules
+    kind, params = config.get("fine_tune_type", "lora"), config["lora_parameters"]
+    if kind != "lora":
+        raise CheckpointError(f"{file}: fine_tune_type {kind!r} is not supported (only 'lora')")
+    if not isinstance(params, dict):
+        raise CheckpointError(f"{file}: 'lora_parameters' must be a JSON object; re-create the adapters")
+    flat = {k: params[k] for k in ("rank", "scale", "dropout") if k in params}
+    if "keys" in params:
+        flat["modules"] = params["keys"]
+    return {**flat, "num_layers": config.get("num_layers")}
+
+
+def _check_adapter_config(config, file: Path) -> dict:
+    """The adapter config, if every field `load_adapters` uses is valid; else one line naming the field."""
+    config = _flat_config(config, file)
     missing = [key for key in ("rank", "scale") if key not in config]
     if missing:
         raise CheckpointError(f"{file} has no {missing[0]!r}; re-create the adapters with finetune")
@@ -152,6 +161,9 @@ def load_adapters(model, path: str | Path) -> dict:
         weights = mx.load(str(path / ADAPTER_FILE))
     except (OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"cannot read the adapters in {path} ({e})") from None
+    if config.get("num_layers") not in (None, -1, len(model.layers)):
+        raise CheckpointError(f"adapters in {path} cover {config['num_layers']} layers; this model has "
+                              f"{len(model.layers)} and only adapters on every layer are supported")
     apply_lora(model, config["rank"], config["scale"], 0.0, config.get("modules", TARGETS))
     expected = adapter_weights(model)
     if set(weights) != set(expected):
@@ -174,34 +186,3 @@ def fuse_lora(model, dequantize: bool = False) -> None:
         if isinstance(parent[attr], (LoRALinear, LoRASwitchLinear)):
             setattr(parent, attr, parent[attr].fuse(dequantize=dequantize))
     mx.eval(model.parameters())
-
-
-def fuse(model_path: str | Path, adapter_path: str | Path, save_path: str | Path, *, dequantize: bool = False) -> Path:
-    """Merge LoRA adapters into their base checkpoint and write a checkpoint folder that `load` reads.
-
-    Args:
-        model_path: The base checkpoint (folder or Hub repo id) the adapters were trained on.
-        adapter_path: The folder written by `finetune`.
-        save_path: The output folder; it must not exist. Built under a temporary name and renamed into place.
-        dequantize: Write every weight unquantized; by default a quantized base stays quantized as it was
-            (the fused linears are re-quantized with the base's settings; config.json keeps its block).
-
-    Returns:
-        The output folder.
-    """
-    from mlx_lm.utils import dequantize_model
-
-    from .loader import load_config, load_model, resolve_path, save_checkpoint
-
-    dest = Path(save_path).expanduser()
-    if dest.exists():
-        raise CheckpointError(f"{dest} already exists; choose a new --save-path")
-    source = resolve_path(model_path)
-    config, _ = load_config(source)
-    model = load_model(source)
-    load_adapters(model, adapter_path)
-    fuse_lora(model, dequantize=dequantize)
-    if dequantize:
-        dequantize_model(model)
-        config = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
-    return save_checkpoint(model, source, dest, config)

@@ -10,11 +10,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from functools import partial
+from collections.abc import Callable
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
+from mlx_lm.models.switch_layers import SwitchLinear
 
 from .cache import LayerCache, cache_offset
 from .config_checks import FULL, SLIDING, check_args, check_rope
@@ -246,16 +247,6 @@ class Router(nn.Module):
         return idx, w * self.per_expert_scale[idx]  # fp32 weights, as in the reference
 
 
-def _switch(layer: nn.Module, x: mx.array, idx: mx.array, sort: bool) -> mx.array:
-    on_cpu = mx.default_device().type == mx.DeviceType.cpu
-    if isinstance(layer, QuantizedSwitchLinear) or not on_cpu or x.dtype == mx.float32:
-        return layer(x, idx, sorted_indices=sort)
-    # MLX's CPU gather_mm is float32-only: compute in fp32, round like a half-precision matmul would.
-    w = layer.weight.astype(mx.float32).swapaxes(-1, -2)
-    y = mx.gather_mm(x.astype(mx.float32), w, rhs_indices=idx, sorted_indices=sort)
-    return y.astype(x.dtype)
-
-
 class Experts(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -274,8 +265,8 @@ class Experts(nn.Module):
             xs, ids = x[order // k], flat[order]
         else:
             xs, ids = mx.expand_dims(x, -3), idx
-        gate, up = mx.split(_switch(self.gate_up_proj, xs, ids, sort), 2, axis=-1)
-        y = _switch(self.down_proj, gelu(gate) * up, ids, sort)
+        gate, up = mx.split(self.gate_up_proj(xs, ids, sorted_indices=sort), 2, axis=-1)
+        y = self.down_proj(gelu(gate) * up, ids, sorted_indices=sort)
         y = y[mx.argsort(order)] if sort else y
         y = _wide(y.reshape(N, k, -1))
         return (y * weights[..., None]).sum(axis=1)  # fp32 accumulation over the top-k experts
@@ -361,12 +352,6 @@ class _Stacks(nn.Module):
         self.encoder = _Encoder(args)
 
 
-def _padding(cache, new: int) -> mx.array | None:
-    """A batch cache's padding mask (see `LayerCache.padding_mask`); None for other caches (training's views)."""
-    mask = getattr(cache, "padding_mask", None)
-    return None if mask is None else mask(new)
-
-
 @partial(mx.compile, shapeless=True)
 def softcap(logits: mx.array) -> mx.array:
     """The final logit softcap, in fp32: `30 * tanh(logits / 30)` as one fused pass over the vocabulary."""
@@ -381,6 +366,8 @@ class Model(nn.Module):
         self.args = args
         self.model = _Stacks(args)
         self._inv_freq = {t: inv_frequencies(args, t) for t in (SLIDING, FULL)}
+        # The checkpoint's generation_config.json (the loader fills it): EOS and pad ids, drafter defaults.
+        self.generation_config: dict[str, Any] = {}
 
     @property
     def dtype(self):
@@ -413,7 +400,7 @@ class Model(nn.Module):
         mask = k <= q if self.args.encoder_causal else mx.ones((n, c.length + n), dtype=mx.bool_)
         if layer_type == SLIDING:
             mask = mask & (k > q - self.args.sliding_window)
-        padding = _padding(c, n)  # [B, 1, 1, length + n] for a batch of rows of different lengths
+        padding = c.padding_mask(n)  # [B, 1, 1, length + n] for a batch of rows of different lengths
         return mask if padding is None else mask & padding
 
     def encode(self, input_ids: mx.array, cache: list[LayerCache], *, logits: str | None = None) -> mx.array | None:
@@ -461,10 +448,11 @@ class Model(nn.Module):
         self_conditioning_logits: mx.array | None = None,
         *,
         self_conditioning_probs: mx.array | None = None,
-        apply_softcap: bool = True,
+        softcap_kernel: Callable[[mx.array], mx.array] = softcap,
     ) -> mx.array:
         """Bidirectional canvas pass over `[cache ; canvas]` (the cache is read, never advanced); returns `[B, C,
-        V]` fp32 logits, softcapped unless `apply_softcap=False` (the loop fuses it with its vocabulary pass).
+        V]` fp32 softcapped logits. `softcap_kernel` computes `softcap` (the denoising loop passes its
+        backend's: `backend.select`).
         `self_conditioning_logits` are the previous step's temperature-scaled logits (None on a canvas's first
         step), or the loop passes their softmax, computed with its statistics, as `self_conditioning_probs`."""
         dec = self.model.decoder
@@ -477,12 +465,11 @@ class Model(nn.Module):
         x = rms_norm(e, None, self.args.rms_norm_eps)
         ropes = self._ropes(cache_offset(cache), canvas_ids.shape[1], x.dtype)
         # Bidirectional: the only mask is a batch's padding (None for one row or rows of equal lengths).
-        masks = {t: _padding(c, canvas_ids.shape[1]) for t, c in zip(self.args.layer_types, cache)}
+        masks = {t: c.padding_mask(canvas_ids.shape[1]) for t, c in zip(self.args.layer_types, cache)}
         for i, layer in enumerate(self.layers):
             t = self.args.layer_types[i]
             x = layer(x, ropes[t], cache[i].with_canvas, masks[t], layer.layer_scalar)
-        logits = self.lm_head(x)
-        return softcap(logits) if apply_softcap else logits
+        return softcap_kernel(self.lm_head(x))
 
     @staticmethod
     def sanitize(weights: dict[str, mx.array]) -> dict[str, mx.array]:

@@ -12,8 +12,8 @@ from typing import Protocol
 import mlx.core as mx
 import numpy as np
 
+from .backend import position_split
 from .errors import UsageError
-from .parallel import per_position
 from .sampler import inverse_cdf_sample
 
 
@@ -44,6 +44,7 @@ class MLXNoise:
 
     def __init__(self, seed: int):
         self.key = mx.random.key(check_seed(seed))
+        self._split = position_split()  # the categorical draw's passes over V, split where that pays
 
     def _next(self) -> mx.array:
         self.key, sub = mx.random.split(self.key)
@@ -57,7 +58,7 @@ class MLXNoise:
         return mx.random.uniform(shape=shape, key=self._next())
 
     def categorical(self, probs: mx.array) -> mx.array:
-        return per_position(inverse_cdf_sample, probs, self.uniforms(probs.shape[:-1]))
+        return self._split(inverse_cdf_sample, probs, self.uniforms(probs.shape[:-1]))
 
     def skip_categorical(self, shape: tuple[int, ...]) -> None:
         self._next()

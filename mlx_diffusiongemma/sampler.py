@@ -142,29 +142,37 @@ def finalize_eos(
     return mx.where(after_first, mx.array(pad_id, dtype=canvas.dtype), canvas), has_eos
 
 
-@partial(mx.compile, shapeless=True)
-def _capped_scaled(raw: mx.array, t: mx.array) -> mx.array:
-    # The reference's softcap then temperature, in its order: 30 * tanh(raw / 30), then / t (not * 1/t).
-    return 30.0 * mx.tanh(raw / 30.0) / t
+def scaled_logits(logits: mx.array, temp: float) -> mx.array:
+    """The model's (softcapped) logits over the temperature, in fp32: the reference divides (not * 1/t)."""
+    return logits.astype(mx.float32) / mx.array(temp, dtype=mx.float32)
 
 
-def scaled_logits(raw: mx.array, temp: float) -> mx.array:
-    """Softcapped (30), temperature-scaled fp32 logits from the LM head's raw output, in one fused pass."""
-    return _capped_scaled(raw.astype(mx.float32), mx.array(temp, dtype=mx.float32))
+def distribution(logits: mx.array, temp: float) -> tuple[mx.array, mx.array, mx.array, mx.array, mx.array]:
+    """Everything a denoising step needs from the model's softcapped logits, in few passes over V.
 
-
-def distribution(raw: mx.array, temp: float) -> tuple[mx.array, mx.array, mx.array, mx.array, mx.array]:
-    """Everything a denoising step needs from the LM head's raw logits, in few passes over V.
-
-    Returns `(scaled, weights, total, entropy, argmax)`: `scaled = softcap(raw) / temp` (the reference's
-    processed logits), `weights = exp(scaled - max)` (unnormalised probabilities, [B, C, V]),
-    `total = weights.sum(-1)`, the entropy per position in nats and the argmax (int32, the first index
-    among equal maxima). `weights / total` are the probabilities, and `1 / total` is the top one.
+    Returns `(scaled, weights, total, entropy, argmax)`: `scaled = logits / temp` (the reference's processed
+    logits), `weights = exp(scaled - max)` (unnormalised probabilities, [B, C, V]), `total =
+    weights.sum(-1)`, the entropy per position in nats and the argmax (int32, the first index among equal
+    maxima). `weights / total` are the probabilities, and `1 / total` is the top one.
     """
-    scaled = scaled_logits(raw, temp)
+    scaled = scaled_logits(logits, temp)
     argmax = mx.argmax(scaled, axis=-1, keepdims=True)
     e, s, ent = _exp_weights(scaled, mx.take_along_axis(scaled, argmax, axis=-1))
     return scaled, e, s, ent, argmax.squeeze(-1).astype(mx.int32)
+
+
+def vocab_stats(logits: mx.array, temp: float, sc_dtype) -> tuple[mx.array, ...]:
+    """Per position: entropy, softmax total, argmax, sampling probabilities, next self-conditioning probs."""
+    scaled, weights, total, ent, argmax = distribution(logits, temp)
+    probs = weights / total[..., None]
+    # The next step self-conditions on softmax of these logits after rounding them to the weight dtype.
+    sc = probs if sc_dtype == mx.float32 else mx.softmax(scaled.astype(sc_dtype).astype(mx.float32), axis=-1)
+    return ent, total, argmax, probs, sc
+
+
+def scaled_argmax(logits: mx.array, temp: float) -> mx.array:
+    """Argmax of the temperature-scaled logits (the first of equal maxima, as in the reference): [B, C] int32."""
+    return mx.argmax(scaled_logits(logits, temp), axis=-1).astype(mx.int32)
 
 
 def inverse_cdf_sample(probs: mx.array, u: mx.array) -> mx.array:

@@ -7,13 +7,12 @@
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 
+from .checkpoint import TOY_PATH  # noqa: F401  (where the toy model lives: the checkpoint layer says)
 from .dialogues import CALCULATOR, call_message, operands, parse_call, split_thought, tool_result
 from .generate import stream_generate
 from .tasks import TASKS, examples
 
-TOY_PATH = Path(__file__).resolve().parent / "toy_model"
 HELD_OUT_SEED = 1  # training draws with other seeds and skips every held-out prompt
 HELD_OUT_SIZE = 2000  # the most held-out prompts any evaluation may use, per task
 

@@ -17,7 +17,8 @@ from mlx_diffusiongemma.loader import load
 from mlx_diffusiongemma.bench import bench
 from mlx_diffusiongemma.console import parse_template_config
 from mlx_diffusiongemma.errors import CheckpointError, DiffusionGemmaError, UsageError
-from mlx_diffusiongemma.lora import CONFIG_FILE, fuse, load_adapters
+from mlx_diffusiongemma.fuse import fuse
+from mlx_diffusiongemma.lora import CONFIG_FILE, load_adapters
 from mlx_diffusiongemma.noise import MLXNoise
 from mlx_diffusiongemma.train import read_jsonl, run_finetune
 
@@ -112,6 +113,12 @@ def test_reserved_chat_template_keys(key):
     ({"rank": 4, "scale": 20.0, "modules": ["self_attn.q_proj", "vision.proj"]}, "unknown module 'vision.proj'"),
     ({"rank": 4, "scale": 20.0, "modules": ["mlp"]}, "unknown module 'mlp'"),
     ([4], "must hold a JSON object"),
+    # mlx-lm's schema, which finetune writes
+    ({"fine_tune_type": "dora", "lora_parameters": {"rank": 4, "scale": 20.0}}, "fine_tune_type 'dora'"),
+    ({"fine_tune_type": "lora", "lora_parameters": {"scale": 20.0}}, "has no 'rank'"),
+    ({"fine_tune_type": "lora", "lora_parameters": [4]}, "'lora_parameters' must be a JSON object"),
+    ({"fine_tune_type": "lora", "lora_parameters": {"rank": 4, "scale": 20.0, "keys": ["mlp"]}},
+     "unknown module 'mlp'"),
 ])
 def test_odd_adapter_config(config, message, tmp_path):
     folder = tmp_path / "ad"

@@ -10,13 +10,14 @@ import mlx.core as mx
 import pytest
 
 from mlx.utils import tree_flatten, tree_unflatten
+from mlx_lm.tuner.lora import LoRASwitchLinear
 
 from checkpoints import build_checkpoint
 from mlx_diffusiongemma.convert import convert
 from mlx_diffusiongemma.errors import UsageError
 from mlx_diffusiongemma.loader import load
 from mlx_diffusiongemma.lora import (
-    EXPERT_TARGETS, TARGETS, LoRASwitch, apply_lora, fuse_lora, load_adapters, save_adapters,
+    EXPERT_TARGETS, TARGETS, apply_lora, fuse_lora, load_adapters, save_adapters,
 )
 from mlx_diffusiongemma.train import (
     diffusion_loss, encoder_forward, prefix_cache, run_finetune, tokenize, train, validation_loss,
@@ -123,7 +124,9 @@ def test_adapters_round_trip_and_fuse(ckpt, example, tmp_path):
             lin.lora_b = mx.random.normal(lin.lora_b.shape) * 0.1
     save_adapters(model, tmp_path / "ad", config)
     assert {p.name for p in (tmp_path / "ad").iterdir()} == {"adapters.safetensors", "adapter_config.json"}
-    assert json.loads((tmp_path / "ad" / "adapter_config.json").read_text())["rank"] == 4
+    saved = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    assert saved["fine_tune_type"] == "lora" and saved["num_layers"] == len(model.layers)  # mlx-lm's schema
+    assert saved["lora_parameters"]["rank"] == 4 and saved["lora_parameters"]["keys"] == config["modules"]
 
     def logits(m):
         cache = m.make_cache()
@@ -274,7 +277,7 @@ def test_qlora_trains_on_a_quantized_base(qckpt, data_file, tmp_path):
     frozen = dict(tree_flatten(model.parameters()))
     mx.random.seed(0)
     apply_lora(model, rank=8, modules=TARGETS + EXPERT_TARGETS)
-    assert isinstance(model.layers[0].experts.gate_up_proj, LoRASwitch)
+    assert isinstance(model.layers[0].experts.gate_up_proj, LoRASwitchLinear)
     assert all("lora_" in k for k, _ in tree_flatten(model.trainable_parameters()))
     before = validation_loss(model, [example] * 2)
     train(model, [example], iters=15, learning_rate=1e-3, log=lambda _: None)
@@ -287,23 +290,24 @@ def test_qlora_trains_on_a_quantized_base(qckpt, data_file, tmp_path):
 
 
 def test_expert_lora_in_half_precision_on_cpu():
-    """On the CPU backend `model._switch` computes half-precision expert matmuls from the module's `weight`
-    (MLX's CPU gather_mm is float32-only): `LoRASwitch` must expose the merged weight there."""
+    """MLX's CPU gather_mm is float32-only: the CPU backend's expert linear computes half-precision inputs in
+    float32, and mlx-lm's `LoRASwitchLinear` over it (float32 low-rank factors) runs unchanged."""
     from mlx_lm.models.switch_layers import SwitchLinear
 
-    from mlx_diffusiongemma.model import _switch
+    from mlx_diffusiongemma.backend import Float32SwitchLinear, prepare_model
 
     mx.random.seed(3)
     base = SwitchLinear(16, 8, 4, bias=False)
     base.set_dtype(mx.bfloat16)
-    lora = LoRASwitch(16, 8, 4, r=2, scale=2.0)
-    lora.linear = base
+    lora = LoRASwitchLinear.from_base(base, r=2, scale=2.0)
     lora.lora_b = mx.random.normal(lora.lora_b.shape) * 0.3
+    prepare_model(lora, mx.cpu)
+    assert type(lora.linear) is Float32SwitchLinear
     x = mx.random.normal((6, 1, 1, 16)).astype(mx.bfloat16)
     idx = mx.array([[0], [1], [2], [3], [1], [0]])
     with mx.stream(mx.cpu):
-        got = _switch(lora, x, idx, False).astype(mx.float32)
-        plain = _switch(base, x, idx, False).astype(mx.float32)
+        got = lora(x, idx).astype(mx.float32)
+        plain = base(x, idx).astype(mx.float32)
     merged = base.weight.astype(mx.float32) + 2.0 * lora.lora_b @ lora.lora_a  # (E, out, in)
     want = (x.astype(mx.float32) @ merged[idx[:, 0]].swapaxes(-1, -2)[:, None])
     assert mx.allclose(got, want, rtol=2e-2, atol=2e-2)
@@ -342,7 +346,7 @@ def test_fuse_command_round_trip(ckpt, example, tmp_path):
 
 
 def test_fuse_requantizes_like_the_base(qckpt, tmp_path):
-    from mlx_diffusiongemma.lora import fuse
+    from mlx_diffusiongemma.fuse import fuse
 
     model, tokenizer = load(qckpt)
     ids, prompt_len = tokenize(tokenizer, MESSAGES)

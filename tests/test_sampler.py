@@ -80,11 +80,14 @@ def test_entropy_random_and_bf16_input():
     np.testing.assert_allclose(np.array(ent), np_entropy(np.array(xb.astype(mx.float32))), rtol=1e-5, atol=1e-6)
 
 
-def test_distribution_of_raw_logits():
-    """The loop's one pass: softcap, temperature, argmax (first of ties), probabilities, entropy, top prob."""
+def test_distribution_of_softcapped_logits():
+    """The loop's one pass over the model's softcapped logits: temperature, argmax (first of ties),
+    probabilities, entropy, top prob."""
+    from mlx_diffusiongemma.model import softcap
+
     x = np.array([[[0.0, 2.0, 2.0, -1.0], [5.0, 0.0, 0.0, 0.0], [80.0, 79.0, -3.0, 1.0]]], dtype=np.float32)
     temp = S.temperature(3, 4, 0.4, 0.8)
-    scaled, weights, total, ent, best = S.distribution(mx.array(x), temp)
+    scaled, weights, total, ent, best = S.distribution(softcap(mx.array(x)), temp)
     expected = 30.0 * np.tanh(x / 30.0) / np.float32(temp)
     np.testing.assert_allclose(np.array(scaled), expected, rtol=1e-6)
     assert best.dtype == mx.int32
@@ -315,10 +318,24 @@ def test_finalize_eos_matches_transformers():
 # --- the host (NumPy) vocabulary pass used on MLX's CPU backend -----------------------------------------
 
 
-def _mlx_stats(x: np.ndarray, temp: float, dtype=mx.float32):
-    from mlx_diffusiongemma.generate import _vocab_stats
+def _capped(x: np.ndarray) -> np.ndarray:
+    from mlx_diffusiongemma.model import softcap
 
-    return [np.array(a) for a in _vocab_stats(mx.array(x), temp, dtype)]
+    return np.array(softcap(mx.array(x)))
+
+
+def _mlx_stats(x: np.ndarray, temp: float, dtype=mx.float32):
+    return [np.array(a) for a in S.vocab_stats(mx.array(x), temp, dtype)]
+
+
+def test_host_softcap_matches_the_model_and_writes_in_place():
+    from mlx_diffusiongemma import host
+
+    x = (np.random.default_rng(2).standard_normal((2, 9, 301)) * 60).astype(np.float32)
+    logits = mx.array(x)
+    got = host.softcap(logits)
+    assert got is logits  # written into the logits' own buffer
+    np.testing.assert_allclose(np.array(got), _capped(x), rtol=2e-7, atol=2e-6)
 
 
 def test_host_vocab_stats_match_mlx_and_consume_the_logits():
@@ -326,7 +343,7 @@ def test_host_vocab_stats_match_mlx_and_consume_the_logits():
 
     rng = np.random.default_rng(3)
     for scale in (0.5, 5.0, 60.0):
-        x = (rng.standard_normal((2, 9, 301)) * scale).astype(np.float32)
+        x = _capped((rng.standard_normal((2, 9, 301)) * scale).astype(np.float32))
         temp = S.temperature(5, 8, 0.4, 0.8)
         want = _mlx_stats(x, temp)
         raw = mx.array(x)
@@ -347,9 +364,9 @@ def test_host_argmax_first_of_ties_after_softcap():
     # 30 * tanh(x / 30) saturates to exactly 30 in float32 for x >~ 270: the three maxima tie after the
     # softcap, and the reference's argmax (of the processed logits) takes the first, not the largest raw.
     x = np.array([[[5.0, 400.0, 500.0, 600.0, -2.0], [1.0, 3.0, 2.0, 3.0, 0.0]]], dtype=np.float32)
-    assert np.array(host.argmax(mx.array(x), 0.5)).tolist() == [[1, 1]]
-    assert np.array(host.vocab_stats(mx.array(x), 0.5, mx.float32)[2]).tolist() == [[1, 1]]
-    assert _mlx_stats(x, 0.5)[2].tolist() == [[1, 1]]
+    assert np.array(host.argmax(host.softcap(mx.array(x)), 0.5)).tolist() == [[1, 1]]
+    assert np.array(host.vocab_stats(host.softcap(mx.array(x)), 0.5, mx.float32)[2]).tolist() == [[1, 1]]
+    assert _mlx_stats(_capped(x), 0.5)[2].tolist() == [[1, 1]]
 
 
 def test_host_bf16_rounding_and_self_conditioning():

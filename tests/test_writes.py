@@ -22,7 +22,8 @@ from mlx_diffusiongemma.errors import CheckpointError, UsageError
 from mlx_diffusiongemma.folders import target_lock
 from mlx_diffusiongemma.loader import load
 from mlx_diffusiongemma.lora import apply_lora, save_adapters
-from mlx_diffusiongemma.train import _tokenized, read_jsonl, run_finetune, train
+from mlx_diffusiongemma.train import read_jsonl, run_finetune, train
+from mlx_diffusiongemma.train.command import _tokenized
 
 ROOT = Path(__file__).resolve().parents[1]
 # The converter's test hooks: a pause after each of the toy's 112 tensors, and small shards.

@@ -1,5 +1,6 @@
 """`mlx_diffusiongemma.convert`: turn a DiffusionGemma checkpoint into a text-only MLX folder."""
 
-from .convert import ConversionOptionError, convert
+from ..errors import ConversionOptionError
+from .convert import convert
 
 __all__ = ["convert", "ConversionOptionError"]

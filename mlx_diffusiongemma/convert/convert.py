@@ -12,74 +12,29 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Callable
 
-from mlx_diffusiongemma.errors import CheckpointError, DiffusionGemmaError
-from mlx_diffusiongemma.folders import build_folder
+from ..checkpoint import DTYPE_NAMES, check_safetensors, copy_side_files, resolve_path, weight_files
+from ..errors import CheckpointError, ConversionOptionError, DiffusionGemmaError
+from ..folders import build_folder
+from ..quantization import check_quantization, recipe_setting
 
 MAX_SHARD_BYTES = 5 * 1024**3  # the usual Hub cap per safetensors file
 # Test-only hooks: a smaller shard cap, and a pause after each tensor (to interrupt a run mid-way).
 _SHARD_ENV = "MLX_DIFFUSIONGEMMA_CONVERT_SHARD_BYTES"
 _DELAY_ENV = "MLX_DIFFUSIONGEMMA_CONVERT_DELAY"
 
-DTYPE_NAMES = ("float32", "bfloat16", "float16")
-RECIPES = ("mixed", "uniform")
-MODES = ("affine", "mxfp4")
-AFFINE_BITS = (2, 3, 4, 5, 6, 8)
-AFFINE_GROUPS = (32, 64, 128)
-# The "mixed" recipe keeps these modules at 8 bits whatever was asked (what mlx-vlm's converter does).
-HIGH_PRECISION = {"group_size": 64, "bits": 8, "mode": "affine"}
 _SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
-# Files copied next to the weights: tokenizer, chat template, generation settings. Never code or pickles.
-_COPY_PATTERNS = (
-    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
-    "added_tokens.json", "chat_template.json", "*.jinja", "generation_config.json",
-)
-
-
-class ConversionOptionError(DiffusionGemmaError, ValueError):
-    """An invalid combination of conversion options (dtype, bits, group size, mode, recipe)."""
 
 
 def _check_options(dtype, quantize, q_bits, q_group_size, q_mode, q_recipe) -> None:
     if dtype is not None and dtype not in DTYPE_NAMES:
         raise ConversionOptionError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPE_NAMES)}")
-    if not quantize:
-        return
-    if q_recipe not in RECIPES:
-        raise ConversionOptionError(f"unknown quantization recipe {q_recipe!r}; use mixed or uniform")
-    if q_mode == "mxfp4":
-        if q_bits != 4 or q_group_size != 32:
-            raise ConversionOptionError(
-                f"mxfp4 needs 4 bits and group size 32 (got {q_bits} bits, group size {q_group_size})"
-            )
-    elif q_mode == "affine":
-        if q_bits not in AFFINE_BITS:
-            raise ConversionOptionError(f"unsupported bits {q_bits}; affine quantization takes 2, 3, 4, 5, 6 or 8")
-        if q_group_size not in AFFINE_GROUPS:
-            raise ConversionOptionError(f"unsupported group size {q_group_size}; use 32, 64 or 128")
-    else:
-        raise ConversionOptionError(f"unknown quantization mode {q_mode!r}; use affine or mxfp4")
-
-
-def _high_precision(module: str) -> bool:
-    return (
-        module.endswith("embed_tokens")
-        or ".self_attn." in module
-        or ".mlp." in module
-        or module.endswith("router.proj")
-    )
-
-
-def quant_setting(module: str, recipe: str, requested: dict) -> dict:
-    """The {group_size, bits, mode} a quantizable module gets under a recipe."""
-    if recipe == "mixed" and _high_precision(module):
-        return dict(HIGH_PRECISION)
-    return dict(requested)
+    if quantize:
+        check_quantization(q_bits, q_group_size, q_mode, q_recipe)
 
 
 def _source_dtype(headers: dict[str, dict]) -> str:
@@ -95,13 +50,6 @@ def _source_dtype(headers: dict[str, dict]) -> str:
                 return name
             found = found or name
     return found or "float32"
-
-
-def copy_side_files(src: Path, dst: Path) -> None:
-    for pattern in _COPY_PATTERNS:
-        for file in sorted(src.glob(pattern)):
-            if file.is_file():
-                shutil.copy2(file, dst / file.name)
 
 
 def _write_config(src_config: dict, dst: Path, dtype: str, qconfig: dict | None) -> None:
@@ -301,17 +249,19 @@ class _ShardFiles:
         return total
 
 
-def _progress_printer() -> Callable[[int, int], None] | None:
+def _progress_bar() -> Callable[[int, int], None] | None:
+    """A tqdm bar on stderr when it is a terminal (nothing otherwise), as `progress` expects it."""
     if not sys.stderr.isatty():
         return None
-    last = [0.0]
+    from tqdm import tqdm
+
+    bar = tqdm(desc="converting", unit="tensor", file=sys.stderr, mininterval=0.1)
 
     def show(done: int, total: int) -> None:
-        now = time.monotonic()
-        if done == total or now - last[0] > 0.1:
-            last[0] = now
-            end = "\n" if done == total else ""
-            print(f"\rconverting: {done}/{total} tensors", end=end, file=sys.stderr, flush=True)
+        bar.total = total
+        bar.update(done - bar.n)
+        if done == total:
+            bar.close()
 
     return show
 
@@ -353,89 +303,112 @@ def _write_unit(unit: _Unit, src_fd: int, shards: _ShardFiles, buf: bytearray) -
     mx.clear_cache()
 
 
-def _convert_into(
-    src: Path, tmp: Path, *, dtype, quantize, q_bits, q_group_size, q_mode, q_recipe, progress, shard_cap
-) -> None:
-    import mlx.core as mx
-    from mlx.utils import tree_flatten
+class _Plan:
+    """What the conversion writes, planned from the source headers and the model tree before any data is read:
+    every output tensor's dtype, shape and place in the output shards is known up front, so the shards are
+    written in place a bounded chunk at a time (memory stays flat whatever the tensor or shard size), and
+    tensors whose bytes do not change are copied file to file."""
 
-    from mlx_diffusiongemma.loader import DTYPES, check_safetensors, load_config, weight_files
-    from mlx_diffusiongemma.model import Model
-    from mlx_diffusiongemma.tensors import check_layer_count, stored_shapes
+    def __init__(self, args, target, quantize: bool, q_recipe: str, requested: dict):
+        import mlx.core as mx
+        from mlx.utils import tree_flatten
 
-    src_config, args = load_config(src)
-    if src_config.get("quantization") or src_config.get("quantization_config"):
-        raise CheckpointError(f"{src} is already quantized; convert from the original bf16/fp32 checkpoint")
-    files = weight_files(src)
-    headers = {f: check_safetensors(f) for f in files}
-    check_layer_count(args, stored_shapes(headers)[0], src)  # before the model tree below is built
-    dtype = dtype or _source_dtype(headers)
-    target = DTYPES[dtype]
+        from ..model import Model
 
-    # Expected text tensors, from the model tree (lazy parameters: nothing is materialised).
-    model = Model(args)
-    expected = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
-    quantizable = {name for name, m in model.named_modules() if hasattr(m, "to_quantized")}
-    del model
-    requested = {"group_size": q_group_size, "bits": q_bits, "mode": q_mode}
-    settings: dict[str, dict] = {}
+        model = Model(args)  # lazy parameters: nothing is materialised
+        self.expected = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
+        self.quantizable = {name for name, m in model.named_modules() if hasattr(m, "to_quantized")}
+        self.mx, self.target, self.quantize, self.recipe, self.requested = mx, target, quantize, q_recipe, requested
+        self.sanitize = Model.sanitize
+        self.units: list[_Unit] = []
+        self.settings: dict[str, dict] = {}
+        self._seen: set[str] = set()
+        self._quant_shapes: dict = {}
 
-    # Plan every output tensor (dtype, shape, bytes) from the source headers alone, so the output shards can
-    # be laid out up front and written in place, a bounded chunk at a time: memory stays flat whatever the
-    # tensor or shard size, and tensors whose bytes do not change are copied file to file.
-    units: list[_Unit] = []
-    seen: set[str] = set()
-    quant_shapes: dict = {}
-    for file in files:
-        header = headers[file]
+    def add_file(self, file: Path, header: dict) -> None:
         with open(file, "rb") as f:
             data_start = 8 + int.from_bytes(f.read(8), "little")
-        names = Model.sanitize({k: k for k in header if k != "__metadata__"})
+        names = self.sanitize({k: k for k in header if k != "__metadata__"})
         for key in sorted(names):
-            info = header[names[key]]
-            if key not in expected:
-                raise CheckpointError(f"unexpected tensor {key} in {file}: not a DiffusionGemma text weight")
-            if key in seen:
-                raise CheckpointError(f"tensor {key} appears twice in the checkpoint (again in {file})")
-            try:
-                code, shape, (begin, stop) = info["dtype"], tuple(int(n) for n in info["shape"]), info["data_offsets"]
-                src_dtype = _mx_dtype(code)
-            except (KeyError, TypeError, ValueError, AttributeError):
-                raise CheckpointError(f"{file} has an unreadable entry for {names[key]}; re-download it") from None
-            if shape != expected[key]:
-                raise CheckpointError(
-                    f"tensor {key} in {file} has shape {shape} but config.json implies "
-                    f"{expected[key]}; the config and weights do not match"
-                )
-            rows, cols = _rows_cols(shape)
-            if stop - begin != rows * cols * src_dtype.size or begin < 0:
-                raise CheckpointError(f"tensor {names[key]} in {file} has the wrong byte count; re-download it")
-            seen.add(key)
-            out_dtype = target if mx.issubdtype(src_dtype, mx.floating) else src_dtype
-            module = key[: -len(".weight")] if key.endswith(".weight") else None
-            kind, setting = ("copy" if out_dtype == src_dtype else "cast"), None
-            outs = [_Out(key, _st_code(out_dtype), shape, rows * cols * out_dtype.size)]
-            if quantize and module in quantizable:
-                candidate = quant_setting(module, q_recipe, requested)
-                if len(shape) >= 2 and cols % candidate["group_size"] == 0:
-                    kind, setting = "quantize", candidate
-                    settings[module] = setting
-                    spec = (cols, out_dtype, setting["group_size"], setting["bits"], setting["mode"])
-                    if spec not in quant_shapes:  # shapes of mx.quantize's outputs for one row (lazy: no work)
-                        q = mx.quantize(mx.zeros((1, cols), dtype=out_dtype), *spec[2:4], mode=spec[4])
-                        quant_shapes[spec] = [(a.shape[-1], a.dtype) for a in q if a is not None]
-                    outs = [
-                        _Out(f"{module}.{suffix}", _st_code(dt), shape[:-1] + (n,), rows * n * dt.size)
-                        for suffix, (n, dt) in zip(("weight", "scales", "biases"), quant_shapes[spec])
-                    ]
-            units.append(_Unit(key, file, data_start + begin, code, shape, kind, setting, out_dtype, outs))
-    missing = [k for k in expected if k not in seen]
-    if missing:
-        raise CheckpointError(
-            f"tensor {missing[0]} is missing from the checkpoint in {src}"
-            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
-        )
+            self._add(key, file, names[key], header[names[key]], data_start)
 
+    def _add(self, key: str, file: Path, name: str, info: dict, data_start: int) -> None:
+        mx = self.mx
+        if key not in self.expected:
+            raise CheckpointError(f"unexpected tensor {key} in {file}: not a DiffusionGemma text weight")
+        if key in self._seen:
+            raise CheckpointError(f"tensor {key} appears twice in the checkpoint (again in {file})")
+        try:
+            code, shape, (begin, stop) = info["dtype"], tuple(int(n) for n in info["shape"]), info["data_offsets"]
+            src_dtype = _mx_dtype(code)
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise CheckpointError(f"{file} has an unreadable entry for {name}; re-download it") from None
+        if shape != self.expected[key]:
+            raise CheckpointError(
+                f"tensor {key} in {file} has shape {shape} but config.json implies "
+                f"{self.expected[key]}; the config and weights do not match"
+            )
+        rows, cols = _rows_cols(shape)
+        if stop - begin != rows * cols * src_dtype.size or begin < 0:
+            raise CheckpointError(f"tensor {name} in {file} has the wrong byte count; re-download it")
+        self._seen.add(key)
+        out_dtype = self.target if mx.issubdtype(src_dtype, mx.floating) else src_dtype
+        kind, setting = ("copy" if out_dtype == src_dtype else "cast"), None
+        outs = [_Out(key, _st_code(out_dtype), shape, rows * cols * out_dtype.size)]
+        quantized = self._quantized(key, shape, out_dtype)
+        if quantized is not None:
+            (kind, setting), outs = ("quantize", quantized[0]), quantized[1]
+        self.units.append(_Unit(key, file, data_start + begin, code, shape, kind, setting, out_dtype, outs))
+
+    def _quantized(self, key: str, shape: tuple, out_dtype) -> tuple[dict, list[_Out]] | None:
+        """(setting, output tensors) when the tensor is a quantizable module's weight that quantizes."""
+        module = key[: -len(".weight")] if key.endswith(".weight") else None
+        if not self.quantize or module not in self.quantizable:
+            return None
+        rows, cols = _rows_cols(shape)
+        setting = recipe_setting(module, self.recipe, self.requested)
+        if len(shape) < 2 or cols % setting["group_size"]:
+            return None
+        self.settings[module] = setting
+        spec = (cols, out_dtype, setting["group_size"], setting["bits"], setting["mode"])
+        if spec not in self._quant_shapes:  # shapes of mx.quantize's outputs for one row (lazy: no work)
+            q = self.mx.quantize(self.mx.zeros((1, cols), dtype=out_dtype), *spec[2:4], mode=spec[4])
+            self._quant_shapes[spec] = [(a.shape[-1], a.dtype) for a in q if a is not None]
+        return setting, [
+            _Out(f"{module}.{suffix}", _st_code(dt), shape[:-1] + (n,), rows * n * dt.size)
+            for suffix, (n, dt) in zip(("weight", "scales", "biases"), self._quant_shapes[spec])
+        ]
+
+    def check_complete(self, src: Path) -> None:
+        missing = [k for k in self.expected if k not in self._seen]
+        if missing:
+            raise CheckpointError(
+                f"tensor {missing[0]} is missing from the checkpoint in {src}"
+                + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+            )
+
+    def qconfig(self) -> dict | None:
+        """The global setting, then every quantized module with its exact setting (bits, group size and mode
+        always stated). Modules left unquantized (indivisible input dim) are not listed."""
+        if not self.quantize:
+            return None
+        return {**self.requested, **{m: self.settings[m] for m in sorted(self.settings)}}
+
+
+def _open_source(unit: _Unit, sources: dict[Path, int]) -> int:
+    """The file descriptor of `unit`'s source file, closing the previous file's (units go file by file)."""
+    if unit.file not in sources:
+        for fd in sources.values():
+            os.close(fd)
+        sources.clear()
+        try:
+            sources[unit.file] = os.open(unit.file, os.O_RDONLY)
+        except OSError as e:
+            raise _ReadError(e.strerror or str(e)) from None
+    return sources[unit.file]
+
+
+def _write_all(units: list[_Unit], tmp: Path, shard_cap: int, progress) -> None:
     shards = _ShardFiles(tmp, _plan_shards(units, shard_cap))
     delay = float(os.environ.get(_DELAY_ENV, "0") or 0)
     buf = bytearray(_CHUNK_BYTES)
@@ -443,15 +416,7 @@ def _convert_into(
     try:
         for done, unit in enumerate(units, 1):
             try:
-                if unit.file not in sources:
-                    for fd in sources.values():
-                        os.close(fd)
-                    sources = {}
-                    try:
-                        sources[unit.file] = os.open(unit.file, os.O_RDONLY)
-                    except OSError as e:
-                        raise _ReadError(e.strerror or str(e)) from None
-                _write_unit(unit, sources[unit.file], shards, buf)
+                _write_unit(unit, _open_source(unit, sources), shards, buf)
             except _ReadError as e:
                 raise CheckpointError(f"cannot read {unit.file} ({e}); re-download it") from None
             shards.close_before(max((o.shard for o in unit.outs), default=0))
@@ -465,13 +430,27 @@ def _convert_into(
         shards.close()
     shards.finish()
 
-    qconfig = None
-    if quantize:
-        # The global setting, then every quantized module with its exact setting (bits, group size and mode
-        # always stated). Modules left unquantized (indivisible input dim) are not listed.
-        qconfig = dict(requested)
-        qconfig.update({m: settings[m] for m in sorted(settings)})
-    _write_config(src_config, tmp, dtype, qconfig)
+
+def _convert_into(
+    src: Path, tmp: Path, *, dtype, quantize, q_bits, q_group_size, q_mode, q_recipe, progress, shard_cap
+) -> None:
+    from ..loader import DTYPES, load_config
+    from ..tensors import check_layer_count, stored_shapes
+
+    src_config, args = load_config(src)
+    if src_config.get("quantization") or src_config.get("quantization_config"):
+        raise CheckpointError(f"{src} is already quantized; convert from the original bf16/fp32 checkpoint")
+    files = weight_files(src)
+    headers = {f: check_safetensors(f) for f in files}
+    check_layer_count(args, stored_shapes(headers)[0], src)  # before the model tree is built
+    dtype = dtype or _source_dtype(headers)
+    requested = {"group_size": q_group_size, "bits": q_bits, "mode": q_mode}
+    plan = _Plan(args, DTYPES[dtype], quantize, q_recipe, requested)
+    for file in files:
+        plan.add_file(file, headers[file])
+    plan.check_complete(src)
+    _write_all(plan.units, tmp, shard_cap, progress)
+    _write_config(src_config, tmp, dtype, plan.qconfig())
     copy_side_files(src, tmp)
 
 
@@ -496,7 +475,7 @@ def convert(
         mlx_path: The output folder. It must not exist unless `force` is set.
         dtype: "bfloat16", "float16" or "float32" for the float tensors; default: the checkpoint's.
         quantize: Quantize the linear layers and the embedding.
-        q_bits: Bits of the quantized weights (affine: 2-6 or 8; mxfp4: 4).
+        q_bits: Bits of the quantized weights (affine: 4, 6 or 8; mxfp4: 4).
         q_group_size: Quantization group size (affine: 32, 64 or 128; mxfp4: 32).
         q_mode: "affine" or "mxfp4".
         q_recipe: "mixed" keeps the embedding (= LM head), attention, dense MLP and router at 8 bits
@@ -513,8 +492,6 @@ def convert(
         CheckpointError: one line; the input is unusable, the output exists, or writing failed. Nothing is
             left behind on failure or interruption.
     """
-    from mlx_diffusiongemma.loader import resolve_path
-
     _check_options(dtype, quantize, q_bits, q_group_size, q_mode, q_recipe)
     dst = Path(mlx_path).expanduser().absolute()
     if dst.exists() and not force:
@@ -523,7 +500,7 @@ def convert(
     if dst.exists() and (dst.resolve() == src.resolve() or dst.resolve() in src.resolve().parents):
         raise CheckpointError(f"{dst} holds the source checkpoint; choose another output folder")
     if progress is None:
-        progress = _progress_printer()
+        progress = _progress_bar()
     shard_cap = int(os.environ.get(_SHARD_ENV) or MAX_SHARD_BYTES)
 
     try:  # a concurrent run to `dst` makes this refuse, or with `force` wait for it and then replace its output

@@ -1,0 +1,94 @@
+"""The one seam between the MLX code and the device it runs on: every accommodation for MLX's CPU backend is
+chosen here, once, when a model is loaded (`prepare_model`) or a denoising stream is created (`select`), so
+`model.py`, `lora.py`, `noise.py` and `generate.py` carry no CPU special case and, on Metal, no CPU code runs.
+
+On the CPU backend (the tests' and benchmarks' backend on Linux):
+- half-precision expert matmuls run in float32 (MLX's CPU `gather_mm` is float32-only), by giving the
+  experts' `SwitchLinear`s a subclass when the model is loaded;
+- the passes over the vocabulary (the logit softcap, the sampler's statistics and argmax) run in NumPy on the
+  host (`host.py`: MLX's x86 kernels evaluate `exp` and `tanh` an element at a time);
+- per-position vocabulary work (the categorical draw) is split over one CPU stream per core (`parallel.py`).
+Everywhere else every one of these is the plain MLX op.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.switch_layers import SwitchLinear
+
+from . import sampler
+from .model import softcap as mlx_softcap
+
+
+def _whole(fn: Callable, *arrays: mx.array):
+    return fn(*arrays)
+
+
+@dataclass(frozen=True)
+class Backend:
+    """How the denoising loop's device-dependent passes run. Every field is a plain function."""
+
+    name: str
+    softcap: Callable[[mx.array], mx.array]  # the model's final softcap (`Model.decode(softcap_kernel=...)`)
+    vocab_stats: Callable[..., tuple[mx.array, ...]]  # `sampler.vocab_stats`'s contract; may consume its input
+    argmax: Callable[[mx.array, float], mx.array]  # `sampler.scaled_argmax`'s contract
+    per_position: Callable[..., object]  # `per_position(fn, *arrays)`: fn over positions, maybe split
+
+
+Device = mx.Device | mx.DeviceType  # a device, or its kind (`mx.cpu`, `mx.gpu`)
+
+
+def _on_cpu(device: Device | None) -> bool:
+    device = mx.default_device() if device is None else device
+    return (device if isinstance(device, mx.DeviceType) else device.type) == mx.DeviceType.cpu
+
+
+def position_split(device: Device | None = None) -> Callable[..., object]:
+    """`per_position(fn, *arrays)` for `device`: split over CPU streams on the CPU backend, one call elsewhere."""
+    if not _on_cpu(device):
+        return _whole
+    from .parallel import per_position
+
+    return per_position
+
+
+def select(device: Device | None = None) -> Backend:
+    """The backend for `device` (default: MLX's default device). `MLX_DIFFUSIONGEMMA_HOST_SAMPLER=0` keeps the
+    vocabulary passes in MLX on the CPU too (the per-position split stays)."""
+    if not _on_cpu(device):
+        return Backend("mlx", mlx_softcap, sampler.vocab_stats, sampler.scaled_argmax, _whole)
+    per_position = position_split(device)
+    if os.environ.get("MLX_DIFFUSIONGEMMA_HOST_SAMPLER", "1") == "0":
+        stats = lambda x, temp, sc_dtype: per_position(lambda r: sampler.vocab_stats(r, temp, sc_dtype), x)  # noqa: E731
+        best = lambda x, temp: per_position(lambda r: sampler.scaled_argmax(r, temp), x)  # noqa: E731
+        return Backend("cpu", mlx_softcap, stats, best, per_position)
+    from . import host
+
+    return Backend("cpu-host", host.softcap, host.vocab_stats, host.argmax, per_position)
+
+
+class Float32SwitchLinear(SwitchLinear):
+    """A `SwitchLinear` for MLX's CPU backend, whose `gather_mm` is float32-only: half-precision inputs are
+    multiplied in float32 and rounded back, as a half-precision matmul's float32 accumulation would be."""
+
+    def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
+        if x.dtype == mx.float32:
+            return super().__call__(x, indices, sorted_indices)
+        w = self["weight"].astype(mx.float32).swapaxes(-1, -2)
+        y = mx.gather_mm(x.astype(mx.float32), w, rhs_indices=indices, sorted_indices=sorted_indices)
+        return y.astype(x.dtype)
+
+
+def prepare_model(model: nn.Module, device: Device | None = None) -> nn.Module:
+    """Fit a loaded model's modules to `device` (in place; returns it). On the CPU backend the experts' plain
+    `SwitchLinear`s become `Float32SwitchLinear`s (same parameters); elsewhere nothing changes."""
+    if _on_cpu(device):
+        for _, module in model.named_modules():
+            if type(module) is SwitchLinear:
+                module.__class__ = Float32SwitchLinear
+    return model
