@@ -32,6 +32,10 @@ class EngineBusy(Exception):
     """Every row and queue slot is taken (the server answers 429)."""
 
 
+class EngineStopped(Exception):
+    """The server shut down before the job was done (what `abort_all` hands each job)."""
+
+
 @dataclass(eq=False)
 class Job:
     """One request as the engine sees it. `emit` is called on the engine's thread with each response, then
@@ -183,6 +187,15 @@ class Engine:
         self._stop = True
         self._wake.set()
         self._thread.join(timeout)
+
+    def abort_all(self) -> int:
+        """Cancel every job and tell each it was stopped (the end of a drain); returns how many."""
+        with self._lock:
+            jobs = list(self.active)
+        for job in jobs:
+            self.cancel(job)
+            job.emit(EngineStopped("the server shut down before the reply was complete"))
+        return len(jobs)
 
     def stats(self) -> dict[str, int]:
         """Requests in progress (`running`: in a batch or the solo lane), `waiting`, and the prompt cache."""

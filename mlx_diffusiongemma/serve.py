@@ -1,15 +1,19 @@
 """The `serve` command: load the model, start the engine, run uvicorn until SIGTERM or Ctrl-C.
 
 SIGTERM drains: the listening socket closes, requests in flight get `drain_timeout` seconds to finish, what
-is left is cancelled (its rows leave the batch at the next decoder pass), and the process exits 0.
+is left is cancelled (its rows leave the batch at the next decoder pass; its stream ends with a 503 error event),
+and the process exits 0. Imported only when `serve` runs (uvicorn and the model come with it).
 """
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 import signal
 import sys
+
+import uvicorn
 
 from .errors import UsageError
 
@@ -23,13 +27,24 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+class _DrainingServer(uvicorn.Server):
+    """On shutdown: stop taking requests, give those in flight `drain` seconds, then end them (503)."""
+
+    def __init__(self, config: uvicorn.Config, state, drain: float):
+        super().__init__(config)
+        self.state, self.drain = state, drain
+
+    async def shutdown(self, sockets=None) -> None:
+        self.state.closing = True
+        asyncio.get_running_loop().call_later(self.drain, self.state.engine.abort_all)
+        await super().shutdown(sockets)
+
+
 def run_serve(model: str, *, host: str, port: int, api_key: str | None, drafter: str, max_tokens: int | None,
               max_tokens_limit: int, decode_concurrency: int, max_queue: int, prompt_cache_bytes: int,
               chat_template_args: str | None, dtype: str | None, adapter_path: str | None, drain_timeout: float,
               log_level: str) -> None:
     """Check the flags, load the model, serve until told to stop."""
-    import uvicorn
-
     from .console import parse_template_config, reply_length
     from .drafter import resolve_drafter
     from .engine import Engine
@@ -59,9 +74,10 @@ def run_serve(model: str, *, host: str, port: int, api_key: str | None, drafter:
     options = ServeOptions(model_id=model, drafter=drafter, api_key=api_key, max_tokens=reply_length(m, max_tokens),
                            max_tokens_limit=max_tokens_limit, template_args=template_args)
     state = State(m, tokenizer, engine, options)
+    # uvicorn's own bound is a backstop: the drain ends every stream cleanly before it.
     config = uvicorn.Config(create_app(state), host=host, port=port, log_level=log_level,
-                            timeout_graceful_shutdown=drain_timeout, access_log=log_level == "debug")
-    server = uvicorn.Server(config)
+                            timeout_graceful_shutdown=drain_timeout + 10, access_log=log_level == "debug")
+    server = _DrainingServer(config, state, drain_timeout)
     # uvicorn re-raises SIGTERM once its graceful shutdown is over; this handler makes that a clean exit 0.
     signal.signal(signal.SIGTERM, lambda *_: None)
     try:

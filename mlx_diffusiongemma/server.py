@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException
 
 from .console import RESERVED_TEMPLATE_KEYS
 from .drafter import DrafterConfig, list_presets, resolve_drafter
-from .engine import Engine, EngineBusy, Job
+from .engine import Engine, EngineBusy, EngineStopped, Job
 from .errors import ChatTemplateError
 from .generate import GenerationResponse
 from .hidden import hidden_token_ids, visible
@@ -180,6 +180,8 @@ class _Stream:
                 if await request.is_disconnected():
                     raise _ClientGone()
                 continue
+            if isinstance(item, EngineStopped):
+                raise APIError(503, str(item), kind="server_error", code="shutting_down")
             if isinstance(item, BaseException):
                 log.error("generation failed: %s", item)
                 raise APIError(500, f"generation failed ({type(item).__name__})", kind="server_error")

@@ -1,0 +1,262 @@
+"""`mlx-diffusiongemma serve`: the real server (uvicorn on 127.0.0.1, a free port) driven by the official
+`openai` client, and by httpx for what a client library would never send (bad bodies, disconnects, floods).
+
+The toy model answers its tasks in one canvas; `endless_toy` (no end-of-sequence id) gives requests that run
+as long as a test needs, for cancellation, the 429 path and SIGTERM.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+
+from serving import Server, endless_toy
+
+CHAT = "/v1/chat/completions"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    s = Server("toy", "--decode-concurrency", "4", log=tmp_path_factory.mktemp("serve") / "serve.log")
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def slow(tmp_path_factory):
+    """The endless toy, one request at a time and one waiting: the 429 and disconnect paths."""
+    root = tmp_path_factory.mktemp("slow")
+    s = Server(endless_toy(root / "model"), "--decode-concurrency", "1", "--max-queue", "1", log=root / "serve.log")
+    yield s
+    s.stop()
+
+
+def _user(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+def test_models_and_health(server, client):
+    assert [m.id for m in client.models.list().data] == ["toy"]
+    assert server.health()["status"] == "ok"
+
+
+def test_chat_answers_with_usage_and_the_seed_reproduces_it(client):
+    first = client.chat.completions.create(model="toy", messages=_user("add 178+102"), seed=3)
+    assert first.choices[0].message.content == "0280" and first.choices[0].finish_reason == "stop"
+    assert first.usage.completion_tokens == 4 and first.usage.prompt_tokens > 10
+    again = client.chat.completions.create(model="toy", messages=_user("add 178+102"), seed=3)
+    assert again.choices[0].message.content == "0280"
+    # The same prompt again: its encoded prefix comes from the prompt cache.
+    assert again.usage.prompt_tokens_details.cached_tokens == again.usage.prompt_tokens
+
+
+def test_streaming_chat_is_the_same_text_in_chunks(client):
+    whole = client.chat.completions.create(model="toy", messages=_user("sort 213"), seed=1).choices[0].message
+    chunks = list(client.chat.completions.create(model="toy", messages=_user("sort 213"), seed=1, stream=True,
+                                                 stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.content == "123"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert chunks[-1].usage.completion_tokens == 3 and not chunks[-1].choices
+
+
+def test_completions_streaming_and_not(client):
+    done = client.completions.create(model="toy", prompt="x", max_tokens=30, seed=5)
+    streamed = client.completions.create(model="toy", prompt="x", max_tokens=30, seed=5, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == done.choices[0].text
+    assert done.usage.completion_tokens <= 30
+
+
+def test_stop_cuts_the_reply(client):
+    r = client.chat.completions.create(model="toy", messages=_user("sort 70193"), seed=0, stop=["3"])
+    assert (r.choices[0].message.content, r.choices[0].finish_reason) == ("01", "stop")
+    chunks = client.chat.completions.create(model="toy", messages=_user("sort 70193"), seed=0, stop="7",
+                                            stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "013"
+
+
+def test_concurrent_requests_equal_one_by_one(client):
+    prompts = [("chat", "add 876+727"), ("chat", "sort 616"), ("completion", "y"), ("chat", "add 405+705"),
+               ("completion", "sort 9"), ("chat", "sort 311")]
+
+    def ask(i: int) -> str:
+        kind, text = prompts[i]
+        if kind == "chat":
+            return client.chat.completions.create(model="toy", messages=_user(text), seed=i).choices[0].message.content
+        return client.completions.create(model="toy", prompt=text, max_tokens=48, seed=i).choices[0].text
+
+    alone = [ask(i) for i in range(len(prompts))]
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        together = list(pool.map(ask, range(len(prompts))))
+    assert together == alone
+    assert alone[0] == "1603"
+
+
+def test_drafter_presets_and_sampling_options(server, client):
+    fast = client.chat.completions.create(model="toy", messages=_user("add 782+204"), seed=0,
+                                          extra_body={"drafter": "fast"})
+    spec = client.chat.completions.create(model="toy", messages=_user("add 782+204"), seed=0, stream=True,
+                                          extra_body={"drafter": "speculative"})
+    assert fast.choices[0].message.content == "0986"
+    assert "".join(c.choices[0].delta.content or "" for c in spec if c.choices) == "0986"
+    warm = client.chat.completions.create(model="toy", messages=_user("add 782+204"), seed=0, temperature=0.5)
+    assert warm.choices[0].message.content
+    for bad in ({"drafter": "../drafter_configs/fast.json"}, {"drafter": "/etc/passwd"}, {"drafter": "nope"},
+                {"temperature": 0}, {"top_p": 0.5}, {"n": 2}, {"logprobs": True}, {"tool_choice": "required"}):
+        r = httpx.post(server.url + CHAT, json={"model": "toy", "messages": _user("hi"), **bad}, timeout=30)
+        assert r.status_code == 400, (bad, r.text)
+        assert r.json()["error"]["param"] == next(iter(bad)), r.text
+
+
+def test_live_drafts_are_an_opt_in_extension(server):
+    body = {"model": "toy", "messages": _user("sort 027"), "seed": 0, "stream": True, "stream_drafts": True}
+    with httpx.stream("POST", server.url + CHAT, json=body, timeout=60) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    drafts = [e["draft"] for e in events if "draft" in e]
+    assert drafts and all({"canvas", "step", "text"} <= set(d) for d in drafts)
+    assert "".join(e["choices"][0]["delta"].get("content", "") for e in events if e["choices"]) == "027"
+
+
+BAD_BODIES = [
+    (b"{not json", 400, None),
+    (b"[1, 2]", 400, None),
+    (json.dumps({"model": "toy"}).encode(), 400, "messages"),
+    (json.dumps({"model": "toy", "messages": "hi"}).encode(), 400, "messages"),
+    (json.dumps({"model": "toy", "messages": [{"role": "wizard", "content": "x"}]}).encode(), 400, None),
+    (json.dumps({"model": "toy", "messages": _user("x"), "max_tokens": "ten"}).encode(), 400, "max_tokens"),
+    (json.dumps({"model": "toy", "messages": _user("x"), "max_tokens": 0}).encode(), 400, "max_tokens"),
+    (json.dumps({"model": "toy", "messages": _user("x"), "max_tokens": 10**6}).encode(), 400, "max_tokens"),
+    (json.dumps({"model": "toy", "messages": _user("x"), "seed": -1}).encode(), 400, "seed"),
+    (json.dumps({"model": "toy", "messages": _user("x"), "stream": "yes"}).encode(), 400, "stream"),
+    (json.dumps({"model": "toy", "messages": _user("x"), "stop": ["a"] * 5}).encode(), 400, "stop"),
+    (json.dumps({"model": "toy", "messages": _user("\ud800")}).encode(), 400, "messages"),
+    (json.dumps({"model": "toy", "messages": _user("x"), "chat_template_kwargs": {"tokenize": False}}).encode(),
+     400, "chat_template_kwargs"),
+    (json.dumps({"model": "toy", "messages": [{"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": "f", "arguments": "{oops"}}]}]}).encode(), 400,
+     "messages.0.tool_calls.0.function.arguments"),
+    (json.dumps({"model": "gpt-4", "messages": _user("x")}).encode(), 404, "model"),
+]
+
+
+def test_bad_inputs_get_openai_errors(server):
+    for body, status, param in BAD_BODIES:
+        r = httpx.post(server.url + CHAT, content=body, headers={"content-type": "application/json"}, timeout=30)
+        assert r.status_code == status, (body, r.text)
+        error = r.json()["error"]
+        assert error["message"] and error["type"] and "Traceback" not in r.text
+        if param is not None:
+            assert error["param"] == param, (body, error)
+    context = {"model": "toy", "messages": _user("x" * 200), "max_tokens": 96}
+    r = httpx.post(server.url + CHAT, json=context, timeout=30)
+    assert (r.status_code, r.json()["error"]["code"]) == (400, "context_length_exceeded")
+    huge = httpx.post(server.url + CHAT, content=b"{" + b" " * (5 << 20) + b"}", timeout=30)
+    assert huge.status_code == 413 and huge.json()["error"]["code"] == "request_too_large"
+    assert httpx.get(server.url + "/v1/nothing").json()["error"]["type"] == "not_found_error"
+    assert httpx.get(server.url + CHAT).status_code == 405
+    assert server.health()["running"] == 0
+
+
+def _long(max_tokens: int = 2400) -> dict:
+    return {"model": "model", "prompt": "x", "max_tokens": max_tokens, "seed": 0, "stream": True}
+
+
+def _wait_idle(server: Server, within: float) -> float:
+    tic = time.monotonic()
+    while time.monotonic() - tic < within:
+        h = server.health()
+        if h["running"] == 0 and h["waiting"] == 0:
+            return time.monotonic() - tic
+        time.sleep(0.05)
+    raise AssertionError(f"still busy after {within} s: {server.health()}")
+
+
+def test_disconnect_mid_stream_frees_the_row(slow):
+    body = {**_long(), "model": slow.model}
+    with httpx.stream("POST", slow.url + "/v1/completions", json=body, timeout=60) as r:
+        lines = r.iter_lines()
+        assert next(line for line in lines if line.startswith("data: {"))
+        assert slow.health()["running"] == 1
+    # The connection is closed: the row leaves at the next decoder pass.
+    assert _wait_idle(slow, 10) < 10
+    done = httpx.post(slow.url + "/v1/completions", json={**body, "stream": False, "max_tokens": 24}, timeout=60)
+    assert done.status_code == 200
+
+
+def test_a_full_queue_answers_429_with_retry_after(slow):
+    model = slow.model
+    body = {**_long(), "model": model}
+    clients = [httpx.Client(timeout=60) for _ in range(2)]
+    streams = [c.stream("POST", slow.url + "/v1/completions", json=body) for c in clients]
+    try:
+        for s in streams:  # one running, one waiting: both slots taken
+            s.__enter__()
+        r = httpx.post(slow.url + "/v1/completions", json={**body, "stream": False}, timeout=30)
+        assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+        assert r.json()["error"]["type"] == "rate_limit_error"
+        sdk = openai.OpenAI(base_url=slow.url + "/v1", api_key="x", max_retries=0)
+        with pytest.raises(openai.RateLimitError):
+            sdk.completions.create(model=model, prompt="x", max_tokens=24)
+    finally:
+        for s, c in zip(streams, clients):
+            s.__exit__(None, None, None)
+            c.close()
+    _wait_idle(slow, 10)
+
+
+def test_api_key_and_the_warning_beyond_loopback(tmp_path):
+    s = Server("toy", "--api-key", "sesame", log=tmp_path / "serve.log")
+    try:
+        assert httpx.get(s.url + "/v1/models").status_code == 401
+        assert httpx.get(s.url + "/v1/models", headers={"Authorization": "Bearer nope"}).status_code == 401
+        ok = openai.OpenAI(base_url=s.url + "/v1", api_key="sesame", max_retries=0)
+        assert ok.chat.completions.create(model="toy", messages=_user("sort 213"), seed=1).choices[0].message.content
+        assert httpx.get(s.url + "/health").status_code == 200
+    finally:
+        s.stop()
+    import subprocess
+    import sys
+
+    # Never binds: the model does not exist, so it fails after the warning.
+    r = subprocess.run([sys.executable, "-m", "mlx_diffusiongemma", "serve", "--host", "0.0.0.0", "--model",
+                        str(tmp_path / "none")], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "without --api-key" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_sigterm_cancels_in_flight_requests_and_exits_0(tmp_path):
+    s = Server(endless_toy(tmp_path / "model"), "--drain-timeout", "1", log=tmp_path / "serve.log")
+    body = {**_long(), "model": str(tmp_path / "model")}
+    received: list[str] = []
+
+    def read():
+        try:
+            with httpx.stream("POST", s.url + "/v1/completions", json=body, timeout=60) as r:
+                received.extend(r.iter_lines())
+        except httpx.HTTPError:
+            received.append("<cut>")
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    while s.health()["running"] == 0:
+        time.sleep(0.05)
+    tic = time.monotonic()
+    s.proc.send_signal(signal.SIGTERM)
+    code = s.proc.wait(15)
+    took = time.monotonic() - tic
+    reader.join(15)
+    assert code == 0 and took < 10, (code, took, s.log.read_text()[-2000:])
+    lines = [line for line in received if line]
+    assert any("shutting_down" in line for line in lines) and lines[-1] == "data: [DONE]", lines[-3:]
+    assert "Traceback" not in s.log.read_text()
