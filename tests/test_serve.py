@@ -260,3 +260,88 @@ def test_sigterm_cancels_in_flight_requests_and_exits_0(tmp_path):
     lines = [line for line in received if line]
     assert any("shutting_down" in line for line in lines) and lines[-1] == "data: [DONE]", lines[-3:]
     assert "Traceback" not in s.log.read_text()
+
+
+# --- toy v2: Gemma 4 thinking and tool calls ----------------------------------------------------------------
+
+
+def _toy_speaks_gemma4() -> bool:
+    """Toy v2 holds Gemma 4's thinking and tool-call markers as single tokens; v1 never learned them."""
+    from mlx_diffusiongemma.toy import TOY_PATH
+
+    added = json.loads((TOY_PATH / "tokenizer.json").read_text())["added_tokens"]
+    return "<|tool_call>" in {t["content"] for t in added}
+
+
+toy_v2 = pytest.mark.skipif(not _toy_speaks_gemma4(), reason="the bundled toy is v1 (no thinking or tool-call "
+                            "tokens); these pass once toy v2 lands in mlx_diffusiongemma/toy_model")
+THINK = {"chat_template_kwargs": {"enable_thinking": True}}
+
+
+@toy_v2
+def test_thinking_lands_in_reasoning_content(client):
+    from mlx_diffusiongemma.dialogues import thought
+    from mlx_diffusiongemma.toy import held_out
+
+    cases = held_out("add", 4) + held_out("sort", 4)
+    right = 0
+    for i, (prompt, answer) in enumerate(cases):
+        message = client.chat.completions.create(model="toy", messages=_user(prompt), seed=i,
+                                                 extra_body=THINK).choices[0].message
+        assert "<|channel>" not in (message.content or "") and "<channel|>" not in (message.content or "")
+        right += (getattr(message, "reasoning_content", None), message.content) == (thought(prompt), answer)
+    assert right >= 6, f"{right}/8 replies with the right thought and answer"
+    prompt, answer = cases[0]
+    chunks = [c for c in client.chat.completions.create(model="toy", messages=_user(prompt), seed=0, stream=True,
+                                                        extra_body=THINK) if c.choices]
+    streamed = "".join(getattr(c.choices[0].delta, "reasoning_content", None) or "" for c in chunks)
+    assert streamed == getattr(client.chat.completions.create(model="toy", messages=_user(prompt), seed=0,
+                                                              extra_body=THINK).choices[0].message,
+                               "reasoning_content", None)
+    plain = client.chat.completions.create(model="toy", messages=_user(prompt), seed=0).choices[0].message
+    assert getattr(plain, "reasoning_content", None) is None and plain.content == answer
+
+
+@toy_v2
+def test_a_declared_tool_is_called_and_its_result_answered(client):
+    from mlx_diffusiongemma.dialogues import CALCULATOR, operands
+    from mlx_diffusiongemma.toy import held_out
+
+    right = 0
+    for i, (prompt, answer) in enumerate(held_out("add", 6)):
+        messages = _user(prompt)
+        choice = client.chat.completions.create(model="toy", messages=messages, tools=[CALCULATOR], seed=i).choices[0]
+        calls = choice.message.tool_calls or []
+        if not (choice.finish_reason == "tool_calls" and len(calls) == 1 and calls[0].function.name == "calculator"
+                and json.loads(calls[0].function.arguments) == operands(prompt)):
+            continue
+        assert not choice.message.content
+        messages += [choice.message.model_dump(exclude_none=True),
+                     {"role": "tool", "tool_call_id": calls[0].id, "content": str(sum(operands(prompt).values()))}]
+        final = client.chat.completions.create(model="toy", messages=messages, tools=[CALCULATOR], seed=i).choices[0]
+        right += (final.message.content, final.finish_reason) == (answer, "stop")
+    assert right >= 5, f"{right}/6 tool round trips ended with the right answer"
+    prompt = held_out("add", 1)[0][0]
+    chunks = [c for c in client.chat.completions.create(model="toy", messages=_user(prompt), tools=[CALCULATOR],
+                                                        seed=0, stream=True) if c.choices]
+    deltas = [call for c in chunks for call in c.choices[0].delta.tool_calls or []]
+    assert chunks[-1].choices[0].finish_reason == "tool_calls" and len(deltas) == 1
+    assert json.loads(deltas[0].function.arguments) == operands(prompt) and deltas[0].index == 0
+
+
+def test_tool_round_trip_renders_through_the_chat_template():
+    """OpenAI's JSON-string `arguments` become the dict the template renders; the tool's result its own turn."""
+    from mlx_diffusiongemma.dialogues import CALCULATOR
+    from mlx_diffusiongemma.loader import load
+    from mlx_diffusiongemma.openai_api import ChatRequest, chat_messages, tools
+
+    request = ChatRequest.model_validate({"model": "toy", "tools": [CALCULATOR], "messages": [
+        {"role": "user", "content": "add 482+037"},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
+            "name": "calculator", "arguments": '{"b": 37, "a": 482}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "519"}]})
+    _, tokenizer = load("toy")
+    text = tokenizer.apply_chat_template(chat_messages(request), tools=tools(request), tokenize=False,
+                                         add_generation_prompt=True)
+    assert "<|tool>" in text and "<|tool_call>call:calculator{a:482,b:37}<tool_call|>" in text
+    assert text.endswith("<|turn>tool\n<|tool_response>519<tool_response|><turn|>\n<|turn>model\n")
