@@ -187,6 +187,13 @@ class Engine:
         self._stop = True
         self._wake.set()
         self._thread.join(timeout)
+        if self._thread.is_alive():
+            import sys
+            import traceback
+
+            frame = sys._current_frames().get(self._thread.ident)
+            log.warning("the engine thread did not stop within %s s:\n%s", timeout,
+                        "".join(traceback.format_stack(frame)) if frame else "")
 
     def abort_all(self) -> int:
         """Cancel every job and tell each it was stopped (the end of a drain); returns how many."""
