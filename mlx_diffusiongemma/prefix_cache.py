@@ -7,7 +7,7 @@ stored entry's encodes only the rest. The bound is on the bytes of K/V held, not
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Sequence
 
 import mlx.core as mx
@@ -24,6 +24,7 @@ class PrefixCache:
         self.max_bytes = max_bytes
         self.entries: OrderedDict[tuple[int, ...], list[_Snapshot]] = OrderedDict()
         self.sizes: dict[tuple[int, ...], int] = {}
+        self.lengths: Counter[int] = Counter()  # entries per length: a lookup hashes one prefix per length
         self.hits = 0
         self.reused_tokens = 0
 
@@ -38,10 +39,8 @@ class PrefixCache:
         what they hold, so the first append allocates new ones: a request never writes into an entry.
         """
         limit = len(ids) if limit is None else limit
-        best = None
-        for key in self.entries:
-            if len(key) <= limit and (best is None or len(key) > len(best)) and tuple(ids[: len(key)]) == key:
-                best = key
+        lengths = sorted((n for n in self.lengths if n <= limit), reverse=True)
+        best = next((key for n in lengths if (key := tuple(ids[:n])) in self.entries), None)
         if best is None:
             return None
         self.entries.move_to_end(best)
@@ -73,4 +72,8 @@ class PrefixCache:
         while self.entries and self.bytes + size > self.max_bytes:
             old, _ = self.entries.popitem(last=False)
             del self.sizes[old]
+            self.lengths[len(old)] -= 1
+            if not self.lengths[len(old)]:
+                del self.lengths[len(old)]
         self.entries[key], self.sizes[key] = snapshot, size
+        self.lengths[len(key)] += 1

@@ -62,6 +62,15 @@ def test_chat_answers_with_usage_and_the_seed_reproduces_it(client):
     assert again.usage.prompt_tokens_details.cached_tokens == again.usage.prompt_tokens
 
 
+def test_the_next_turn_reuses_the_encoded_conversation(client):
+    messages = _user("sort 616")
+    first = client.chat.completions.create(model="toy", messages=messages, seed=0)
+    messages += [{"role": "assistant", "content": first.choices[0].message.content}, *_user("sort 027")]
+    second = client.chat.completions.create(model="toy", messages=messages, seed=0)
+    assert second.usage.prompt_tokens_details.cached_tokens == first.usage.prompt_tokens
+    assert second.choices[0].message.content == "027"
+
+
 def test_streaming_chat_is_the_same_text_in_chunks(client):
     whole = client.chat.completions.create(model="toy", messages=_user("sort 213"), seed=1).choices[0].message
     chunks = list(client.chat.completions.create(model="toy", messages=_user("sort 213"), seed=1, stream=True,
@@ -345,3 +354,28 @@ def test_tool_round_trip_renders_through_the_chat_template():
                                          add_generation_prompt=True)
     assert "<|tool>" in text and "<|tool_call>call:calculator{a:482,b:37}<tool_call|>" in text
     assert text.endswith("<|turn>tool\n<|tool_response>519<tool_response|><turn|>\n<|turn>model\n")
+
+
+def test_prefix_cache_finds_the_longest_stored_prefix_within_its_bytes():
+    import mlx.core as mx
+
+    from mlx_diffusiongemma.cache import LayerCache
+    from mlx_diffusiongemma.prefix_cache import PrefixCache
+
+    def layers(n: int) -> list[LayerCache]:
+        layer = LayerCache()
+        layer.append(mx.full((1, 1, n, 4), float(n)), mx.ones((1, 1, n, 4)))
+        return [layer]
+
+    cache = PrefixCache(max_bytes=2 * 4 * 4 * 9)  # K and V, fp32, 9 positions in all
+    cache.store([1, 2, 3], layers(3))
+    cache.store([1, 2, 3, 4, 5], layers(5))
+    found, n = cache.lookup([1, 2, 3, 4, 5, 6])
+    assert n == 5 and found[0].offset == 5 and found[0].keys.shape[2] == 5
+    assert cache.lookup([1, 2, 3, 7])[1] == 3 and cache.lookup([1, 2, 3, 4, 5], limit=4)[1] == 3
+    assert cache.lookup([8]) is None
+    found[0].append(mx.zeros((1, 1, 2, 4)), mx.zeros((1, 1, 2, 4)))  # a request extends its copy...
+    assert cache.lookup([1, 2, 3, 4, 5])[0][0].keys.shape[2] == 5  # ...never the entry
+    cache.store([7] * 4, layers(4))  # over the bound: the least recently used entry ([1, 2, 3]) goes
+    assert cache.lookup([1, 2, 3, 7]) is None and cache.lookup([1, 2, 3, 4, 5])[1] == 5
+    assert cache.bytes == cache.max_bytes and len(cache.entries) == 2
