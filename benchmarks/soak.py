@@ -172,9 +172,13 @@ def medium_throughput(args) -> dict:
     def ask(i: int) -> int:
         ids = [rng.randrange(10, 32000) for _ in range(100)]
         body = {"model": "medium", "prompt": ids, "max_tokens": 2 * canvas, "seed": i}
-        r = httpx.post(url + "/v1/completions", json=body, timeout=600)
+        tic = time.perf_counter()
+        r = httpx.post(url + "/v1/completions", json=body, timeout=1800)
         r.raise_for_status()
-        return r.json()["usage"]["completion_tokens"]
+        tokens = r.json()["usage"]["completion_tokens"]
+        print(f"  medium request {i}: {tokens} tokens in {time.perf_counter() - tic:.1f} s", file=sys.stderr,
+              flush=True)
+        return tokens
 
     ask(10**6)  # warm-up
     out = {}
@@ -196,11 +200,13 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--medium-requests", type=int, default=2, help="completions per client on medium")
     parser.add_argument("--skip-medium", action="store_true")
+    parser.add_argument("--skip-toy", action="store_true")
     parser.add_argument("--no-openblas", action="store_true")
     args = parser.parse_args()
     blas = reexec_with_openblas(not args.no_openblas)
     print(f"BLAS: {blas}", flush=True)
-    print(json.dumps({"toy soak": toy_soak(args)}, indent=2), flush=True)
+    if not args.skip_toy:
+        print(json.dumps({"toy soak": toy_soak(args)}, indent=2), flush=True)
     if not args.skip_medium:
         print(json.dumps({"random medium, fp32, 8 fixed steps": medium_throughput(args)}, indent=2), flush=True)
 

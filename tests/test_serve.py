@@ -379,3 +379,27 @@ def test_prefix_cache_finds_the_longest_stored_prefix_within_its_bytes():
     cache.store([7] * 4, layers(4))  # over the bound: the least recently used entry ([1, 2, 3]) goes
     assert cache.lookup([1, 2, 3, 7]) is None and cache.lookup([1, 2, 3, 4, 5])[1] == 5
     assert cache.bytes == cache.max_bytes and len(cache.entries) == 2
+
+
+def test_a_row_cancelled_mid_canvas_leaves_its_neighbours_exact(tmp_path):
+    """Cancelling (a client gone) drops the row between two decoder passes; the other rows go on token for
+    token as they would alone."""
+    from mlx_diffusiongemma import BatchGenerator, load, stream_generate
+
+    model, tokenizer = load(endless_toy(tmp_path / "model"))
+    prompts = ["sort 70193", "add 1+2", "x"]
+    alone = ["".join(r.text for r in stream_generate(model, tokenizer, p, max_tokens=48, seed=i, drafter="fast"))
+             for i, p in enumerate(prompts)]
+    batch = BatchGenerator(model, tokenizer, max_batch=3, drafter="fast")
+    ids = [batch.submit(p, max_tokens=48, seed=i, draft_preview=i == 1) for i, p in enumerate(prompts)]
+    texts, drafts = {i: "" for i in ids}, 0
+    while not batch.idle:
+        for request, response in batch.step():
+            if response.draft is not None:
+                drafts += 1
+                if drafts == 3:  # after its third decoder pass: mid-canvas
+                    batch.cancel(ids[1])
+                continue
+            texts[request] += response.text
+    assert drafts == 3 and not batch.engine.rows
+    assert [texts[ids[0]], texts[ids[2]]] == [alone[0], alone[2]]
