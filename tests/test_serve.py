@@ -67,8 +67,9 @@ def test_the_next_turn_reuses_the_encoded_conversation(client):
     first = client.chat.completions.create(model="toy", messages=messages, seed=0)
     messages += [{"role": "assistant", "content": first.choices[0].message.content}, *_user("sort 027")]
     second = client.chat.completions.create(model="toy", messages=messages, seed=0)
+    # Toy v1 never saw a second turn, so only the cache is checked, not the answer.
     assert second.usage.prompt_tokens_details.cached_tokens == first.usage.prompt_tokens
-    assert second.choices[0].message.content == "027"
+    assert second.usage.prompt_tokens > first.usage.prompt_tokens
 
 
 def test_streaming_chat_is_the_same_text_in_chunks(client):
