@@ -404,3 +404,47 @@ def test_a_row_cancelled_mid_canvas_leaves_its_neighbours_exact(tmp_path):
             texts[request] += response.text
     assert drafts == 3 and not batch.engine.rows
     assert [texts[ids[0]], texts[ids[2]]] == [alone[0], alone[2]]
+
+
+def test_thoughts_and_tool_calls_cut_across_canvases_become_openai_fields():
+    """The server's assembly on a scripted reply (no model): markers cut between canvases, the stream's
+    deltas and the whole message agree, and a parsed call ends the reply with `tool_calls`."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from mlx_diffusiongemma.generate import GenerationResponse
+    from mlx_diffusiongemma.openai_api import ChatRequest
+    from mlx_diffusiongemma.server import _collect, _events, _Reply
+
+    canvases = ["<|chan", "nel>thought\nuse the calc", "ulator<channel|><|tool_", "call>call:calculator{a:4",
+                "82,b:37}<tool_call|>"]
+
+    class Script:
+        def __init__(self):
+            self.items = [GenerationResponse(text=t, generation_tokens=len(t)) for t in canvases]
+            self.items[-1].finish_reason = "stop"
+
+        async def next(self, _=None):
+            return self.items.pop(0) if self.items else None
+
+    state = SimpleNamespace(engine=SimpleNamespace(cancel=lambda job: None))
+    request = ChatRequest.model_validate({"model": "toy", "messages": _user("add 482+037"), "tools": [
+        {"type": "function", "function": {"name": "calculator"}}]})
+    reply = _Reply(request, True, True)
+    whole, _ = asyncio.run(_collect(state, None, None, Script(), reply))
+    assert (whole.reasoning, whole.content, reply.finish) == ("use the calculator", "", "tool_calls")
+    assert whole.tool_calls == [{"name": "calculator", "arguments": {"a": 482, "b": 37}}]
+
+    async def stream():
+        reply = _Reply(request, True, True)
+        return [e async for e in _events(state, None, Script(), reply, {}, True, False, 10)], reply
+
+    events, reply = asyncio.run(stream())
+    chunks = [json.loads(e[6:]) for e in events if e.startswith("data: {")]
+    deltas = [c["choices"][0]["delta"] for c in chunks]
+    assert "".join(d.get("reasoning_content", "") for d in deltas) == "use the calculator"
+    assert not "".join(d.get("content", "") for d in deltas)
+    calls = [call for d in deltas for call in d.get("tool_calls", [])]
+    assert [(c["index"], c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == [
+        (0, "calculator", {"a": 482, "b": 37})]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls" and events[-1] == "data: [DONE]\n\n"
