@@ -286,6 +286,7 @@ def _toy_speaks_gemma4() -> bool:
 toy_v2 = pytest.mark.skipif(not _toy_speaks_gemma4(), reason="the bundled toy is v1 (no thinking or tool-call "
                             "tokens); these pass once toy v2 lands in mlx_diffusiongemma/toy_model")
 THINK = {"chat_template_kwargs": {"enable_thinking": True}}
+LONG = 96  # a thought and its answer, or a tool call, take more than the toy's one-canvas default
 
 
 @toy_v2
@@ -297,18 +298,20 @@ def test_thinking_lands_in_reasoning_content(client):
     right = 0
     for i, (prompt, answer) in enumerate(cases):
         message = client.chat.completions.create(model="toy", messages=_user(prompt), seed=i,
-                                                 extra_body=THINK).choices[0].message
+                                                 max_tokens=LONG, extra_body=THINK).choices[0].message
         assert "<|channel>" not in (message.content or "") and "<channel|>" not in (message.content or "")
         right += (getattr(message, "reasoning_content", None), message.content) == (thought(prompt), answer)
     assert right >= 6, f"{right}/8 replies with the right thought and answer"
     prompt, answer = cases[0]
     chunks = [c for c in client.chat.completions.create(model="toy", messages=_user(prompt), seed=0, stream=True,
-                                                        extra_body=THINK) if c.choices]
+                                                        max_tokens=LONG, extra_body=THINK) if c.choices]
     streamed = "".join(getattr(c.choices[0].delta, "reasoning_content", None) or "" for c in chunks)
-    assert streamed == getattr(client.chat.completions.create(model="toy", messages=_user(prompt), seed=0,
-                                                              extra_body=THINK).choices[0].message,
-                               "reasoning_content", None)
-    plain = client.chat.completions.create(model="toy", messages=_user(prompt), seed=0).choices[0].message
+    whole = client.chat.completions.create(model="toy", messages=_user(prompt), seed=0, max_tokens=LONG,
+                                           extra_body=THINK).choices[0].message
+    assert streamed == getattr(whole, "reasoning_content", None)
+    # Thinking is on by default where the template supports it (mlx-lm's tokenizer wrapper), so off is explicit.
+    plain = client.chat.completions.create(model="toy", messages=_user(prompt), seed=0, extra_body={
+        "chat_template_kwargs": {"enable_thinking": False}}).choices[0].message
     assert getattr(plain, "reasoning_content", None) is None and plain.content == answer
 
 
@@ -320,7 +323,8 @@ def test_a_declared_tool_is_called_and_its_result_answered(client):
     right = 0
     for i, (prompt, answer) in enumerate(held_out("add", 6)):
         messages = _user(prompt)
-        choice = client.chat.completions.create(model="toy", messages=messages, tools=[CALCULATOR], seed=i).choices[0]
+        choice = client.chat.completions.create(model="toy", messages=messages, tools=[CALCULATOR], seed=i,
+                                                max_tokens=LONG).choices[0]
         calls = choice.message.tool_calls or []
         if not (choice.finish_reason == "tool_calls" and len(calls) == 1 and calls[0].function.name == "calculator"
                 and json.loads(calls[0].function.arguments) == operands(prompt)):
@@ -328,12 +332,13 @@ def test_a_declared_tool_is_called_and_its_result_answered(client):
         assert not choice.message.content
         messages += [choice.message.model_dump(exclude_none=True),
                      {"role": "tool", "tool_call_id": calls[0].id, "content": str(sum(operands(prompt).values()))}]
-        final = client.chat.completions.create(model="toy", messages=messages, tools=[CALCULATOR], seed=i).choices[0]
+        final = client.chat.completions.create(model="toy", messages=messages, tools=[CALCULATOR], seed=i,
+                                                max_tokens=LONG).choices[0]
         right += (final.message.content, final.finish_reason) == (answer, "stop")
     assert right >= 5, f"{right}/6 tool round trips ended with the right answer"
     prompt = held_out("add", 1)[0][0]
     chunks = [c for c in client.chat.completions.create(model="toy", messages=_user(prompt), tools=[CALCULATOR],
-                                                        seed=0, stream=True) if c.choices]
+                                                        seed=0, stream=True, max_tokens=LONG) if c.choices]
     deltas = [call for c in chunks for call in c.choices[0].delta.tool_calls or []]
     assert chunks[-1].choices[0].finish_reason == "tool_calls" and len(deltas) == 1
     assert json.loads(deltas[0].function.arguments) == operands(prompt) and deltas[0].index == 0
