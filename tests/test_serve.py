@@ -201,6 +201,9 @@ def test_disconnect_mid_stream_frees_the_row(slow):
         assert slow.health()["running"] == 1
     # The connection is closed: the row leaves at the next decoder pass.
     assert _wait_idle(slow, 10) < 10
+    with pytest.raises(httpx.ReadTimeout):  # a non-streaming client that gives up is noticed too
+        httpx.post(slow.url + "/v1/completions", json={**body, "stream": False}, timeout=3)
+    assert _wait_idle(slow, 10) < 10
     done = httpx.post(slow.url + "/v1/completions", json={**body, "stream": False, "max_tokens": 24}, timeout=60)
     assert done.status_code == 200
 
