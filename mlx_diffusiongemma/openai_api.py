@@ -119,13 +119,18 @@ def parse(body: bytes, schema: type[_Common]) -> _Common:
         request = schema.model_validate(raw)
     except ValidationError as e:
         first = e.errors()[0]
-        param = ".".join(str(p) for p in first["loc"]) or None
+        param = ".".join(str(p) for p in first["loc"] if not _union_tag(p)) or None
         raise APIError(400, f"{param}: {first['msg']}" if param else first["msg"], param=param) from None
     for name, accepted in _UNSUPPORTED.items():
         if name in raw and raw[name] not in accepted:
             raise APIError(400, f"{name} is not supported by the diffusion sampler (got {raw[name]!r})", param=name)
     _check_common(request)
     return request
+
+
+def _union_tag(part: str | int) -> bool:
+    """Pydantic names the member of a union it tried (`str`, `list[TextPart]`): not part of the field's path."""
+    return isinstance(part, str) and (part in ("str", "int", "float", "bool", "dict", "list", "none") or "[" in part)
 
 
 def _check_common(request: _Common) -> None:
