@@ -85,7 +85,7 @@ _MODEL_HELP = (
 _ADAPTER_HELP = "LoRA adapters folder written by `finetune` to apply to the model (default: none)."
 _LIVE_HELP = "Show the canvas being denoised in place on a terminal (never when output is piped)."
 _TEMPLATE_CONFIG_HELP = (
-    """Extra chat template variables as a JSON object, e.g. '{"enable_thinking": false}' (default: none)."""
+    """Extra chat template variables as a JSON object, e.g. '{"enable_thinking": true}' (default: none)."""
 )
 
 

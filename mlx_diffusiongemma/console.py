@@ -28,7 +28,7 @@ def parse_template_config(value: str | None) -> dict[str, Any] | None:
     """`--chat-template-config`: a JSON object of extra chat template variables (None when not given)."""
     if value is None:
         return None
-    example = """e.g. '{"enable_thinking": false}'"""
+    example = """e.g. '{"enable_thinking": true}'"""
     try:
         config = json.loads(value)
     except json.JSONDecodeError as e:

@@ -261,6 +261,9 @@ def apply_chat_template(tokenizer, messages: list[dict], **kwargs) -> list[int]:
             f"the tokenizer in {where} has no chat template (tokenizer_config.json or chat_template.jinja is "
             "missing); restore it, or pass --ignore-chat-template (Python: chat_template=False)"
         )
+    # Thinking is asked for, never assumed: Gemma 4's template thinks only given `enable_thinking`, while
+    # mlx-lm's wrapper would switch it on for any vocabulary with the channel markers.
+    kwargs.setdefault("enable_thinking", False)
     try:
         ids = tokenizer.apply_chat_template(messages, tokenize=True, **kwargs)
     except Exception as e:  # a template error, `raise_exception`, a sandbox violation or a Python error inside
