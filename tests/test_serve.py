@@ -17,6 +17,7 @@ import httpx
 import openai
 import pytest
 
+from mlx_diffusiongemma.dialogues import CALCULATOR
 from serving import Server, endless_toy
 
 CHAT = "/v1/chat/completions"
@@ -278,56 +279,66 @@ def test_sigterm_cancels_in_flight_requests_and_exits_0(tmp_path):
 # --- toy v2: Gemma 4 thinking and tool calls ----------------------------------------------------------------
 
 
-def _toy_speaks_gemma4() -> bool:
-    """Toy v2 holds Gemma 4's thinking and tool-call markers as single tokens; v1 never learned them."""
-    from mlx_diffusiongemma.toy import TOY_PATH
-
-    added = json.loads((TOY_PATH / "tokenizer.json").read_text())["added_tokens"]
-    return "<|tool_call>" in {t["content"] for t in added}
-
-
-toy_v2 = pytest.mark.skipif(not _toy_speaks_gemma4(), reason="the bundled toy is v1 (no thinking or tool-call "
-                            "tokens); these pass once toy v2 lands in mlx_diffusiongemma/toy_model")
+# Not skippable: they fail on a toy that never learned Gemma 4's markers (v1), by design.
 THINK = {"chat_template_kwargs": {"enable_thinking": True}}
-LONG = 96  # a thought and its answer, or a tool call, take more than the toy's one-canvas default
+NO_THINK = {"chat_template_kwargs": {"enable_thinking": False}}
+ROOM = 72  # three canvases: a thought and its answer, or a tool call (the toy's default is one canvas)
 
 
-@toy_v2
+def _raw_reply(messages: list[dict], seed: int, **template) -> str:
+    """What the library writes for the same prompt and seed: the text the server must take apart."""
+    from mlx_diffusiongemma import generate, load
+
+    model, tokenizer = load("toy")
+    return generate(model, tokenizer, messages, max_tokens=ROOM, seed=seed, chat_template_kwargs=template)
+
+
 def test_thinking_lands_in_reasoning_content(client):
-    from mlx_diffusiongemma.dialogues import thought
+    from mlx_diffusiongemma.dialogues import split_thought, thought
     from mlx_diffusiongemma.toy import held_out
 
     cases = held_out("add", 4) + held_out("sort", 4)
     right = 0
     for i, (prompt, answer) in enumerate(cases):
-        message = client.chat.completions.create(model="toy", messages=_user(prompt), seed=i,
-                                                 max_tokens=LONG, extra_body=THINK).choices[0].message
-        assert "<|channel>" not in (message.content or "") and "<channel|>" not in (message.content or "")
-        right += (getattr(message, "reasoning_content", None), message.content) == (thought(prompt), answer)
+        message = client.chat.completions.create(model="toy", messages=_user(prompt), seed=i, max_tokens=ROOM,
+                                                 extra_body=THINK).choices[0].message
+        fields = (getattr(message, "reasoning_content", None), message.content or "")
+        assert "<|channel>" not in fields[1] and "<channel|>" not in fields[1], fields
+        if i < 2:  # the server splits exactly what the model wrote
+            assert fields == split_thought(_raw_reply(_user(prompt), i, enable_thinking=True)), fields
+        right += fields == (thought(prompt), answer)
     assert right >= 6, f"{right}/8 replies with the right thought and answer"
     prompt, answer = cases[0]
     chunks = [c for c in client.chat.completions.create(model="toy", messages=_user(prompt), seed=0, stream=True,
-                                                        max_tokens=LONG, extra_body=THINK) if c.choices]
+                                                        max_tokens=ROOM, extra_body=THINK) if c.choices]
     streamed = "".join(getattr(c.choices[0].delta, "reasoning_content", None) or "" for c in chunks)
-    whole = client.chat.completions.create(model="toy", messages=_user(prompt), seed=0, max_tokens=LONG,
+    whole = client.chat.completions.create(model="toy", messages=_user(prompt), seed=0, max_tokens=ROOM,
                                            extra_body=THINK).choices[0].message
     assert streamed == getattr(whole, "reasoning_content", None)
-    # Thinking is on by default where the template supports it (mlx-lm's tokenizer wrapper), so off is explicit.
-    plain = client.chat.completions.create(model="toy", messages=_user(prompt), seed=0, extra_body={
-        "chat_template_kwargs": {"enable_thinking": False}}).choices[0].message
-    assert getattr(plain, "reasoning_content", None) is None and plain.content == answer
+    # Thinking is off unless asked for: no thought, with or without saying so.
+    for body in (NO_THINK, {}):
+        plain = client.chat.completions.create(model="toy", messages=_user(prompt), seed=0, max_tokens=ROOM,
+                                               extra_body=body).choices[0].message
+        assert getattr(plain, "reasoning_content", None) is None and plain.content == answer
 
 
-@toy_v2
+def _call(client, messages: list[dict], seed: int, **options):
+    return client.chat.completions.create(model="toy", messages=messages, tools=[CALCULATOR], seed=seed,
+                                          max_tokens=ROOM, extra_body=NO_THINK, **options)
+
+
 def test_a_declared_tool_is_called_and_its_result_answered(client):
-    from mlx_diffusiongemma.dialogues import CALCULATOR, operands
+    from mlx_diffusiongemma.dialogues import call_text, operands
     from mlx_diffusiongemma.toy import held_out
 
+    cases = held_out("add", 6)
     right = 0
-    for i, (prompt, answer) in enumerate(held_out("add", 6)):
+    for i, (prompt, answer) in enumerate(cases):
         messages = _user(prompt)
-        choice = client.chat.completions.create(model="toy", messages=messages, tools=[CALCULATOR], seed=i,
-                                                max_tokens=LONG).choices[0]
+        choice = _call(client, messages, i).choices[0]
+        if i == 0:  # the model wrote the call as the template renders one
+            raw = _raw_reply(messages, i, enable_thinking=False, tools=[CALCULATOR])
+            assert raw == call_text(prompt), raw
         calls = choice.message.tool_calls or []
         if not (choice.finish_reason == "tool_calls" and len(calls) == 1 and calls[0].function.name == "calculator"
                 and json.loads(calls[0].function.arguments) == operands(prompt)):
@@ -335,13 +346,11 @@ def test_a_declared_tool_is_called_and_its_result_answered(client):
         assert not choice.message.content
         messages += [choice.message.model_dump(exclude_none=True),
                      {"role": "tool", "tool_call_id": calls[0].id, "content": str(sum(operands(prompt).values()))}]
-        final = client.chat.completions.create(model="toy", messages=messages, tools=[CALCULATOR], seed=i,
-                                                max_tokens=LONG).choices[0]
-        right += (final.message.content, final.finish_reason) == (answer, "stop")
+        final = _call(client, messages, i).choices[0]
+        right += (final.message.content, final.finish_reason, final.message.tool_calls) == (answer, "stop", None)
     assert right >= 5, f"{right}/6 tool round trips ended with the right answer"
-    prompt = held_out("add", 1)[0][0]
-    chunks = [c for c in client.chat.completions.create(model="toy", messages=_user(prompt), tools=[CALCULATOR],
-                                                        seed=0, stream=True, max_tokens=LONG) if c.choices]
+    prompt = cases[0][0]
+    chunks = [c for c in _call(client, _user(prompt), 0, stream=True) if c.choices]
     deltas = [call for c in chunks for call in c.choices[0].delta.tool_calls or []]
     assert chunks[-1].choices[0].finish_reason == "tool_calls" and len(deltas) == 1
     assert json.loads(deltas[0].function.arguments) == operands(prompt) and deltas[0].index == 0
@@ -349,7 +358,6 @@ def test_a_declared_tool_is_called_and_its_result_answered(client):
 
 def test_tool_round_trip_renders_through_the_chat_template():
     """OpenAI's JSON-string `arguments` become the dict the template renders; the tool's result its own turn."""
-    from mlx_diffusiongemma.dialogues import CALCULATOR
     from mlx_diffusiongemma.loader import load
     from mlx_diffusiongemma.openai_api import ChatRequest, chat_messages, tools
 
