@@ -23,6 +23,7 @@ from mlx_lm.generate import wired_limit
 
 from . import sampler
 from .batch_cache import BatchLayerCache, BatchNoise
+from .cache import LayerCache
 from .drafter import DrafterConfig, resolve_drafter
 from .errors import DiffusionGemmaError, DrafterConfigError
 from .hidden import hidden_token_ids
@@ -64,6 +65,7 @@ class _Row:
     generated: int = 0  # tokens committed that count against `max_tokens`
     canvases: int = 0
     pending: list[int] | None = None  # the last committed canvas, encoded when the next one starts
+    encoded: list[int] | None = None  # the committed canvases written to the cache after the prompt
     start: list | None = None  # a cache already holding the first `cached` ids (a reused prefix)
     cached: int = 0
     drafts: bool = False  # yield a "draft" event after every decoder pass
@@ -86,7 +88,9 @@ class BatchDenoiser:
     last canvas). A request leaves after the commit that reaches EOS or its `max_tokens`. `memory_budget` (bytes,
     see `request_bytes`; weights not included) and `max_batch` bound the batch; a request that does not fit
     waits in the queue until rows leave. `cancel` lets a request go at the next decoder pass. `prefilled(id,
-    cache)`, when set, is handed each request's own cache right after its prefill (before it joins the batch).
+    cache)`, when set, is handed each request's own cache right after its prefill (before it joins the batch);
+    `finished(id, cache, ids)`, when set, each request that ends by a commit (not a cancel): a cache of its
+    own holding `ids`, the prompt and the whole reply as written (its last canvas up to EOS encoded for it).
     """
 
     def __init__(self, model: Model, drafter: DrafterConfig, eos_ids: Sequence[int], pad_id: int | None, *,
@@ -102,6 +106,7 @@ class BatchDenoiser:
         self.queue: deque[_Row] = deque()
         self._next_id = 0
         self.prefilled: Callable[[int, list], None] | None = None
+        self.finished: Callable[[int, list, list[int]], None] | None = None
         self.cancelled: set[int] = set()  # asked to stop, not yet removed
         self.dropped: list[int] = []  # removed after a cancel (the caller clears it)
 
@@ -186,6 +191,7 @@ class BatchDenoiser:
         self.model.encode(committed, self.cache)
         mx.eval([c.keys for c in self.cache])
         for row in self.rows:
+            row.encoded = [*(row.encoded or []), *row.pending]
             row.pending = None
         for r, row in enumerate(self.rows):
             yield row.id, DenoiseEvent("encode", committed[r : r + 1], row.canvases, 0)
@@ -213,8 +219,12 @@ class BatchDenoiser:
         for r, row in enumerate(self.rows):
             canvas = committed[r].tolist()
             new, hit_eos = _new_tokens(canvas, self.eos_ids, row.max_tokens - row.generated)
+            room = row.max_tokens - row.generated
             row.generated += len(new)
             leaves = hit_eos or row.generated >= row.max_tokens
+            if leaves and self.finished is not None:
+                end = next((i + 1 for i, t in enumerate(canvas) if t in self.eos_ids), None) if hit_eos else room
+                self._hand_over(r, row, canvas[:end])
             events.append((row.id, DenoiseEvent("commit", committed[r : r + 1], row.canvases,
                                                 noise.stopped_at[r] or steps, mx.array([leaves]))))
             row.canvases += 1
@@ -226,6 +236,24 @@ class BatchDenoiser:
                 layer.keep_rows(stay)
             self.rows = [self.rows[r] for r in stay]
         yield from events
+
+
+    def _hand_over(self, r: int, row: _Row, tail: list[int]) -> None:
+        """Copy row r's cache out of the batch, encode the reply's `tail` (its last canvas, never encoded in
+        the batch) into the copy, and hand it to `finished` with the ids it holds."""
+        cache = []
+        for layer in self.cache:
+            own = LayerCache()
+            own.keep, left = layer.keep, layer.left[r]
+            # Exactly as long as what it holds: the first append allocates, the batch's buffers are never written.
+            own.keys = layer.keys[r : r + 1, :, left : layer.length, :]
+            own.values = layer.values[r : r + 1, :, left : layer.length, :]
+            own.length, own.offset = layer.length - left, layer.offsets[r]
+            cache.append(own)
+        if tail:
+            self.model.encode(mx.array([tail]), cache)
+            mx.eval([c.keys for c in cache] + [c.values for c in cache])
+        self.finished(row.id, cache, [*row.ids, *(row.encoded or []), *tail])
 
 
 class BatchGenerator:

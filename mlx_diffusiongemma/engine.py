@@ -60,6 +60,7 @@ class _BatchLane:
         self.engine = engine
         self.batch = BatchGenerator(engine.model, engine.tokenizer, drafter=drafter, max_batch=engine.max_batch)
         self.batch.engine.prefilled = self._prefilled
+        self.batch.engine.finished = self._finished
         self.jobs: dict[int, Job] = {}
 
     def add(self, job: Job) -> None:
@@ -72,6 +73,12 @@ class _BatchLane:
         job = self.jobs.get(request)
         if job is not None:
             self.engine.prefix.store(job.ids, cache)
+
+    def _finished(self, request: int, cache: list, ids: list[int]) -> None:
+        # The whole conversation so far: the next turn, when its render extends these ids, encodes only its own.
+        job = self.jobs.get(request)
+        if job is not None and not job.cancelled:
+            self.engine.prefix.store(ids, cache)
 
     def cancel(self, job: Job) -> None:
         self.batch.cancel(job.request)  # thread-safe: the row leaves at the next decoder pass

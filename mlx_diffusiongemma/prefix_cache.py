@@ -1,8 +1,8 @@
 """Encoded prompt prefixes kept across requests (the server's prompt cache), least recently used out first.
 
 A multi-turn conversation or an agent's long fixed prompt starts every request with tokens an earlier request
-already encoded; their encoder K/V are stored here by token ids, and a new request whose ids start with a
-stored entry's encodes only the rest. The bound is on the bytes of K/V held, not on the count of entries.
+already encoded; their encoder K/V are stored here by token ids (each prompt once prefilled, and each finished
+conversation: prompt and reply), and a new request whose ids start with a stored entry's encodes only the rest. The bound is on the bytes of K/V held, not on the count of entries.
 """
 
 from __future__ import annotations

@@ -48,6 +48,14 @@ def _user(text: str) -> list[dict]:
     return [{"role": "user", "content": text}]
 
 
+def _raw_reply(messages: list[dict], seed: int, max_tokens: int = 72, **template) -> str:
+    """What the library writes for the same prompt and seed, with no cache: the text the server must return."""
+    from mlx_diffusiongemma import generate, load
+
+    model, tokenizer = load("toy")
+    return generate(model, tokenizer, messages, max_tokens=max_tokens, seed=seed, chat_template_kwargs=template)
+
+
 def test_models_and_health(server, client):
     assert [m.id for m in client.models.list().data] == ["toy"]
     assert server.health()["status"] == "ok"
@@ -68,9 +76,11 @@ def test_the_next_turn_reuses_the_encoded_conversation(client):
     first = client.chat.completions.create(model="toy", messages=messages, seed=0)
     messages += [{"role": "assistant", "content": first.choices[0].message.content}, *_user("sort 027")]
     second = client.chat.completions.create(model="toy", messages=messages, seed=0)
-    # Toy v1 never saw a second turn, so only the cache is checked, not the answer.
-    assert second.usage.prompt_tokens_details.cached_tokens == first.usage.prompt_tokens
-    assert second.usage.prompt_tokens > first.usage.prompt_tokens
+    # The first reply was stored with its prompt, as the model wrote it: only the new turn is encoded...
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert first.usage.prompt_tokens + first.usage.completion_tokens < cached < second.usage.prompt_tokens
+    # ...and the reply is what a run without any cache writes.
+    assert second.choices[0].message.content == _raw_reply(messages, 0, max_tokens=24)
 
 
 def test_streaming_chat_is_the_same_text_in_chunks(client):
@@ -285,12 +295,6 @@ NO_THINK = {"chat_template_kwargs": {"enable_thinking": False}}
 ROOM = 72  # three canvases: a thought and its answer, or a tool call (the toy's default is one canvas)
 
 
-def _raw_reply(messages: list[dict], seed: int, **template) -> str:
-    """What the library writes for the same prompt and seed: the text the server must take apart."""
-    from mlx_diffusiongemma import generate, load
-
-    model, tokenizer = load("toy")
-    return generate(model, tokenizer, messages, max_tokens=ROOM, seed=seed, chat_template_kwargs=template)
 
 
 def test_thinking_lands_in_reasoning_content(client):
