@@ -203,8 +203,7 @@ def _start(state: State, request, ids: list[int], max_tokens: int) -> tuple[Job,
     return job, stream
 
 
-def _usage(last: GenerationResponse | None, prompt_tokens: int) -> dict[str, Any]:
-    completion = last.generation_tokens if last else 0
+def _usage(last: GenerationResponse | None, prompt_tokens: int, completion: int) -> dict[str, Any]:
     cached = last.prompt_cached if last else 0
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
             "total_tokens": prompt_tokens + completion, "prompt_tokens_details": {"cached_tokens": cached}}
@@ -218,9 +217,13 @@ class _Reply:
         self.parser = ReplyParser(tools=has_tools) if parse_reply else None
         self.finish: str | None = None
         self.stopped = False
+        self.tokens: list[int] = []  # every generated token so far
+        self.kept = 0  # characters of generated text let through the stop strings
 
     def feed(self, response: GenerationResponse) -> Delta:
+        self.tokens += response.tokens
         text, self.stopped = self.stop.feed(response.text)
+        self.kept += len(text)
         if self.stopped:
             self.finish = "stop"
         elif response.finish_reason is not None:
@@ -228,7 +231,9 @@ class _Reply:
         return self._parse(text)
 
     def close(self) -> Delta:
-        delta = self._parse(self.stop.finish())
+        tail = self.stop.finish()
+        self.kept += len(tail)
+        delta = self._parse(tail)
         if self.parser is not None:
             tail = self.parser.finish()
             delta.reasoning += tail.reasoning
@@ -236,6 +241,20 @@ class _Reply:
             if self.parser.calls and self.finish == "stop":
                 self.finish = "tool_calls"
         return delta
+
+    def completion_tokens(self, last: GenerationResponse | None, decode) -> int:
+        """`usage.completion_tokens`: the generated tokens, or after a stop string only those the returned
+        text is made of (the token the cut falls in counts; the ones after it, though generated, do not)."""
+        if not self.stopped:
+            return last.generation_tokens if last else 0
+        low, high = 0, len(self.tokens)  # the fewest tokens whose text covers what was kept
+        while low < high:
+            mid = (low + high) // 2
+            if len(decode(self.tokens[:mid])) >= self.kept:
+                high = mid
+            else:
+                low = mid + 1
+        return low
 
     def _parse(self, text: str) -> Delta:
         return self.parser.feed(text) if self.parser is not None else Delta(content=text)
@@ -321,7 +340,8 @@ async def _events(state: State, job: Job, stream: _Stream, reply: _Reply, head: 
             yield _sse(chunk(delta, calls=calls))
         yield _sse(chunk(None, reply.finish or "stop"))
         if usage:
-            yield _sse({**head, "choices": [], "usage": _usage(last, prompt_tokens)})
+            completion = reply.completion_tokens(last, state.tokenizer.decode)
+            yield _sse({**head, "choices": [], "usage": _usage(last, prompt_tokens, completion)})
     except APIError as e:
         yield _sse(e.body())
     finally:
@@ -355,7 +375,8 @@ async def _respond(state: State, http: Request, request, ids: list[int], chat: b
         choice = {"index": 0, "message": message, "finish_reason": reply.finish or "stop", "logprobs": None}
     else:
         choice = {"index": 0, "text": whole.content, "logprobs": None, "finish_reason": reply.finish or "stop"}
-    return JSONResponse({**head, "object": kind, "choices": [choice], "usage": _usage(last, len(ids))})
+    usage = _usage(last, len(ids), reply.completion_tokens(last, state.tokenizer.decode))
+    return JSONResponse({**head, "object": kind, "choices": [choice], "usage": usage})
 
 
 def create_app(state: State) -> FastAPI:

@@ -101,11 +101,15 @@ def test_completions_streaming_and_not(client):
 
 
 def test_stop_cuts_the_reply(client):
+    whole = client.chat.completions.create(model="toy", messages=_user("sort 70193"), seed=0)
+    assert (whole.choices[0].message.content, whole.usage.completion_tokens) == ("01379", 5)
     r = client.chat.completions.create(model="toy", messages=_user("sort 70193"), seed=0, stop=["3"])
     assert (r.choices[0].message.content, r.choices[0].finish_reason) == ("01", "stop")
-    chunks = client.chat.completions.create(model="toy", messages=_user("sort 70193"), seed=0, stop="7",
-                                            stream=True)
+    assert r.usage.completion_tokens == 2  # the returned text's tokens, not the five generated
+    chunks = list(client.chat.completions.create(model="toy", messages=_user("sort 70193"), seed=0, stop="7",
+                                                 stream=True, stream_options={"include_usage": True}))
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "013"
+    assert chunks[-1].usage.completion_tokens == 3
 
 
 def test_concurrent_requests_equal_one_by_one(client):
