@@ -281,6 +281,15 @@ class Engine:
                 self._ready.set()
             with wired_limit(self.model, [stream]):  # Metal: keep the weights resident
                 self._loop()
+            self._wind_down(stream)
+
+    def _wind_down(self, stream) -> None:
+        """Before the thread ends: finish the work queued on its stream and drop the arrays only it used
+        (batch caches, prompt cache), so none is left to the interpreter's teardown."""
+        mx.synchronize(stream)
+        self.lanes, self.solo = {}, _SoloLane(self)
+        self.prefix = PrefixCache(self.prefix.max_bytes)
+        mx.clear_cache()
 
     def _loop(self) -> None:
         while not self._stop:

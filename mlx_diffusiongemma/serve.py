@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-import os
 import signal
 import sys
 
@@ -85,11 +84,4 @@ def run_serve(model: str, *, host: str, port: int, api_key: str | None, drafter:
         server.run()
     finally:
         state.closing = True
-        engine.close()
-    # Everything is drained and the engine has stopped. Exit now rather than through the interpreter's
-    # teardown: MLX's C++ stream workers, made on the engine's (finished) thread, abort the process in static
-    # destructors now and then ("terminate called without an active exception", about 1 run in 4 here).
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+        engine.close()  # joins the engine thread, which synchronizes its stream and drops its arrays first
