@@ -203,7 +203,7 @@ def test_a_finished_row_hands_over_its_whole_conversation(tiny):
     for request, prompt in zip(requests, prompts):
         cache, ids = handed[request]
         eos = [ids[-1]] if ends[request] == "stop" else []  # the EOS the model wrote, which a chat re-renders
-        written = visible(ids[len(prompt):], batch.hidden)  # as written: hidden ids (pad...) too
+        written = visible(ids[len(prompt):], batch.hidden)  # the held ids carry hidden ones (pad...) too
         # A budget counts hidden ids in the batch's rows (not in the text): the held reply may end earlier.
         reply = replies[request] + eos if ends[request] == "stop" else replies[request][: len(written)]
         assert ids[: len(prompt)] == prompt and written == reply
