@@ -322,12 +322,21 @@ def test_thinking_lands_in_reasoning_content(client):
     streamed = "".join(getattr(c.choices[0].delta, "reasoning_content", None) or "" for c in chunks)
     whole = client.chat.completions.create(model="toy", messages=_user(prompt), seed=0, max_tokens=ROOM,
                                            extra_body=THINK).choices[0].message
-    assert streamed == getattr(whole, "reasoning_content", None)
+    assert streamed == (getattr(whole, "reasoning_content", None) or "")
     # Thinking is off unless asked for: no thought, with or without saying so.
-    for body in (NO_THINK, {}):
-        plain = client.chat.completions.create(model="toy", messages=_user(prompt), seed=0, max_tokens=ROOM,
-                                               extra_body=body).choices[0].message
-        assert getattr(plain, "reasoning_content", None) is None and plain.content == answer
+    plain = [client.chat.completions.create(model="toy", messages=_user(prompt), seed=0, max_tokens=ROOM,
+                                            extra_body=body).choices[0].message for body in (NO_THINK, {})]
+    raw = _raw_reply(_user(prompt), 0, enable_thinking=False)
+    assert [(getattr(m, "reasoning_content", None), m.content) for m in plain] == [(None, raw)] * 2
+
+
+def test_thinking_is_off_unless_asked():
+    from mlx_diffusiongemma.loader import apply_chat_template, load
+
+    _, tokenizer = load("toy")
+    off = apply_chat_template(tokenizer, _user("sort 213"), add_generation_prompt=True, enable_thinking=False)
+    on = apply_chat_template(tokenizer, _user("sort 213"), add_generation_prompt=True, enable_thinking=True)
+    assert apply_chat_template(tokenizer, _user("sort 213"), add_generation_prompt=True) == off != on
 
 
 def _call(client, messages: list[dict], seed: int, **options):
@@ -336,7 +345,7 @@ def _call(client, messages: list[dict], seed: int, **options):
 
 
 def test_a_declared_tool_is_called_and_its_result_answered(client):
-    from mlx_diffusiongemma.dialogues import call_text, operands
+    from mlx_diffusiongemma.dialogues import operands, parse_call
     from mlx_diffusiongemma.toy import held_out
 
     cases = held_out("add", 6)
@@ -344,10 +353,12 @@ def test_a_declared_tool_is_called_and_its_result_answered(client):
     for i, (prompt, answer) in enumerate(cases):
         messages = _user(prompt)
         choice = _call(client, messages, i).choices[0]
-        if i == 0:  # the model wrote the call as the template renders one
-            raw = _raw_reply(messages, i, enable_thinking=False, tools=[CALCULATOR])
-            assert raw == call_text(prompt), raw
         calls = choice.message.tool_calls or []
+        if i == 0:  # the server parses exactly the call the model wrote (Gemma 4's form, as `call_text`)
+            wrote = parse_call(_raw_reply(messages, i, enable_thinking=False, tools=[CALCULATOR]))
+            if wrote is not None:
+                got = [(c.function.name, json.loads(c.function.arguments)) for c in calls]
+                assert got == [(wrote["name"], wrote["arguments"])], got
         if not (choice.finish_reason == "tool_calls" and len(calls) == 1 and calls[0].function.name == "calculator"
                 and json.loads(calls[0].function.arguments) == operands(prompt)):
             continue
