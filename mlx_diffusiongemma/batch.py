@@ -13,7 +13,7 @@ import math
 import secrets
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,12 +24,13 @@ from mlx_lm.generate import wired_limit
 from . import sampler
 from .backend import select
 from .batch_cache import BatchLayerCache, BatchNoise
-from .drafter import DrafterConfig, drafter_for
+from .cache import LayerCache
+from .drafter import DrafterConfig, drafter_for, resolve_drafter
 from .errors import DiffusionGemmaError, DrafterConfigError
 from .hidden import hidden_token_ids
 from .generate import (
-    PREFILL_STEP, DenoiseEvent, GenerationResponse, Progress, _new_tokens, _pad_id, denoise_canvas, prefill,
-    prompt_to_ids,
+    PREFILL_STEP, DenoiseEvent, GenerationResponse, Progress, _new_tokens, _pad_id, _snapshot, denoise_canvas,
+    prefill, prompt_to_ids,
 )
 from .generate import eos_ids as model_eos_ids  # (BatchDenoiser takes an `eos_ids` list)
 from .model import SLIDING, Model, ModelArgs
@@ -66,6 +67,10 @@ class _Row:
     generated: int = 0  # tokens committed that count against `max_tokens`
     canvases: int = 0
     pending: list[int] | None = None  # the last committed canvas, encoded when the next one starts
+    encoded: list[int] | None = None  # the committed canvases written to the cache after the prompt
+    start: list | None = None  # a cache already holding the first `cached` ids (a reused prefix)
+    cached: int = 0
+    drafts: bool = False  # yield a "draft" event after every decoder pass
 
 
 def check_batch_drafter(name: str, verify: str) -> None:
@@ -84,7 +89,10 @@ class BatchDenoiser:
     prefill starts), "encode" (its prompt, later each committed canvas), "commit" (`finished`: this is its
     last canvas). A request leaves after the commit that reaches EOS or its `max_tokens`. `memory_budget` (bytes,
     see `request_bytes`; weights not included) and `max_batch` bound the batch; a request that does not fit
-    waits in the queue until rows leave.
+    waits in the queue until rows leave. `cancel` lets a request go at the next decoder pass. `prefilled(id,
+    cache)`, when set, is handed each request's own cache right after its prefill (before it joins the batch);
+    `finished(id, cache, ids)`, when set, each request that ends by a commit (not a cancel): a cache of its
+    own holding `ids`, the prompt and the whole reply as written (its last canvas up to EOS encoded for it).
     """
 
     def __init__(self, model: Model, drafter: DrafterConfig, eos_ids: Sequence[int], pad_id: int | None, *,
@@ -100,9 +108,18 @@ class BatchDenoiser:
         self.queue: deque[_Row] = deque()
         self._next_id = 0
         self.backend = select()
+        self.prefilled: Callable[[int, list], None] | None = None
+        self.finished: Callable[[int, list, list[int]], None] | None = None
+        self.cancelled: set[int] = set()  # asked to stop, not yet removed
+        self.dropped: list[int] = []  # removed after a cancel (the caller clears it)
 
-    def submit(self, ids: Sequence[int], noise: NoiseSource, max_tokens: int) -> int:
-        """Queue a request; returns its id. Raises `MemoryBudgetError` if it could never fit the budget."""
+    def submit(self, ids: Sequence[int], noise: NoiseSource, max_tokens: int, *, start: list | None = None,
+               cached: int = 0, drafts: bool = False) -> int:
+        """Queue a request; returns its id. Raises `MemoryBudgetError` if it could never fit the budget.
+
+        `start`: a cache that already holds `ids[:cached]` (exactly what prefilling them would write); only
+        the rest is prefilled. `drafts`: the step yields this request's argmax canvas after every pass.
+        """
         if max_tokens < 1:
             raise ValueError("max_tokens must be at least 1")
         kv, act = request_bytes(self.model.args, self.model.dtype, len(ids), max_tokens)
@@ -112,7 +129,7 @@ class BatchDenoiser:
                 f"over the batch memory budget of {self.memory_budget / 1e6:.1f} MB; raise the budget or "
                 "shorten the request"
             )
-        row = _Row(self._next_id, list(ids), noise, max_tokens, kv, act)
+        row = _Row(self._next_id, list(ids), noise, max_tokens, kv, act, start=start, cached=cached, drafts=drafts)
         self._next_id += 1
         self.queue.append(row)
         return row.id
@@ -120,6 +137,28 @@ class BatchDenoiser:
     @property
     def idle(self) -> bool:
         return not self.rows and not self.queue
+
+    def cancel(self, request: int) -> None:
+        """Let a request go at the next decoder pass, with its memory (safe to call from another thread)."""
+        self.cancelled.add(request)  # one atomic set insertion: the engine's thread does the rest
+
+    def _drop_cancelled(self, noise: BatchNoise | None = None) -> list[int] | None:
+        """Remove cancelled requests (queued or running); returns the rows kept (None when no row changed)."""
+        if not self.cancelled:
+            return None
+        gone = set(self.cancelled)
+        self.cancelled -= gone
+        self.dropped += [row.id for row in [*self.queue, *self.rows] if row.id in gone]
+        self.queue = deque(row for row in self.queue if row.id not in gone)
+        keep = [r for r, row in enumerate(self.rows) if row.id not in gone]
+        if len(keep) == len(self.rows):
+            return None
+        for layer in self.cache:
+            layer.keep_rows(keep)
+        if noise is not None:
+            noise.keep_rows(keep)
+        self.rows = [self.rows[r] for r in keep]
+        return keep
 
     def batch_bytes(self, rows: Sequence[_Row] | None = None) -> int:
         """Estimated memory of a batch: right-aligned rows each span the longest row's cache."""
@@ -137,8 +176,12 @@ class BatchDenoiser:
             row = self.queue[0]
             ids = mx.array([row.ids])
             yield row.id, DenoiseEvent("admit", ids, 0, 0)
-            cache = self.model.make_cache()
-            prefill(self.model, ids, cache, self.prefill_step)  # alone: exactly the unbatched prefill
+            cache = row.start if row.start is not None else self.model.make_cache()
+            # alone: exactly the unbatched prefill (a reused prefix holds what prefilling it would write)
+            prefill(self.model, ids[:, row.cached :], cache, self.prefill_step)
+            row.start = None
+            if self.prefilled is not None:
+                self.prefilled(row.id, cache)
             for batch_layer, layer in zip(self.cache, cache):
                 batch_layer.join(layer)
             self.rows.append(self.queue.popleft())
@@ -151,29 +194,41 @@ class BatchDenoiser:
         self.model.encode(committed, self.cache)
         mx.eval([c.keys for c in self.cache])
         for row in self.rows:
+            row.encoded = [*(row.encoded or []), *row.pending]
             row.pending = None
         for r, row in enumerate(self.rows):
             yield row.id, DenoiseEvent("encode", committed[r : r + 1], row.canvases, 0)
 
     def step(self) -> Iterator[tuple[int, DenoiseEvent]]:
         """Encode the last canvases, admit what fits, draft and commit one canvas, let finished rows go."""
+        self._drop_cancelled()
         yield from self._encode_pending()
         yield from self._admit()
+        self._drop_cancelled()
         if not self.rows:
             return
         noise = BatchNoise([row.noise for row in self.rows])
         argmax, steps = None, 0
         for argmax, steps in denoise_canvas(self.model, self.cache, self.drafter, noise, len(self.rows),
-                                            stopped=noise.freeze, backend=self.backend):
-            pass
+                                            stopped=noise.freeze, backend=self.backend,
+                                            drop=lambda: self._drop_cancelled(noise)):
+            for r, row in enumerate(self.rows):
+                if row.drafts:
+                    yield row.id, DenoiseEvent("draft", argmax[r : r + 1], row.canvases, steps)
+        if not self.rows:
+            return
         committed, has_eos = sampler.finalize_eos(argmax, self.eos_ids, self.pad_id)
         mx.eval(committed, has_eos)
         events, stay = [], []
         for r, row in enumerate(self.rows):
             canvas = committed[r].tolist()
             new, hit_eos = _new_tokens(canvas, self.eos_ids, row.max_tokens - row.generated)
+            room = row.max_tokens - row.generated
             row.generated += len(new)
             leaves = hit_eos or row.generated >= row.max_tokens
+            if leaves and self.finished is not None:
+                end = next((i + 1 for i, t in enumerate(canvas) if t in self.eos_ids), None) if hit_eos else room
+                self._hand_over(r, row, canvas[:end])
             events.append((row.id, DenoiseEvent("commit", committed[r : r + 1], row.canvases,
                                                 noise.stopped_at[r] or steps, mx.array([leaves]))))
             row.canvases += 1
@@ -185,6 +240,24 @@ class BatchDenoiser:
                 layer.keep_rows(stay)
             self.rows = [self.rows[r] for r in stay]
         yield from events
+
+
+    def _hand_over(self, r: int, row: _Row, tail: list[int]) -> None:
+        """Copy row r's cache out of the batch, encode the reply's `tail` (its last canvas, never encoded in
+        the batch) into the copy, and hand it to `finished` with the ids it holds."""
+        cache = []
+        for layer in self.cache:
+            own = LayerCache()
+            own.keep, left = layer.keep, layer.left[r]
+            # Exactly as long as what it holds: the first append allocates, the batch's buffers are never written.
+            own.keys = layer.keys[r : r + 1, :, left : layer.length, :]
+            own.values = layer.values[r : r + 1, :, left : layer.length, :]
+            own.length, own.offset = layer.length - left, layer.offsets[r]
+            cache.append(own)
+        if tail:
+            self.model.encode(mx.array([tail]), cache)
+            mx.eval([c.keys for c in cache] + [c.values for c in cache])
+        self.finished(row.id, cache, [*row.ids, *(row.encoded or []), *tail])
 
 
 class BatchGenerator:
@@ -206,13 +279,18 @@ class BatchGenerator:
 
     def submit(self, prompt: str | list[dict[str, Any]] | list[int] | mx.array, *, max_tokens: int = 256,
                seed: int | None = None, chat_template: bool = True,
-               chat_template_kwargs: dict[str, Any] | None = None) -> int:
+               chat_template_kwargs: dict[str, Any] | None = None, prefix: tuple[list, int] | None = None,
+               draft_preview: bool = False) -> int:
         """Queue a prompt (as for `stream_generate`); returns its request id. It joins at the next step that
-        has room for it."""
+        has room for it. `prefix`: `(cache, n)`, a cache holding the first n prompt tokens (reused, not
+        encoded again); `draft_preview`: also yield a response with `draft` set after every decoder pass."""
         seed = secrets.randbits(31) if seed is None else seed
         ids = prompt_to_ids(self.tokenizer, prompt, chat_template, chat_template_kwargs)
-        request = self.engine.submit(ids, MLXNoise(seed), max_tokens)
-        stats = GenerationResponse(prompt_tokens=len(ids), drafter=self.drafter.name, seed=seed)
+        start, cached = prefix if prefix is not None else (None, 0)
+        request = self.engine.submit(ids, MLXNoise(seed), max_tokens, start=start, cached=cached,
+                                     drafts=draft_preview)
+        stats = GenerationResponse(prompt_tokens=len(ids), prompt_cached=cached, drafter=self.drafter.name,
+                                   seed=seed)
         self.progress[request] = Progress(stats, time.perf_counter(), self.tokenizer.detokenizer, self.eos, max_tokens,
                                            self.hidden)
         return request
@@ -222,14 +300,21 @@ class BatchGenerator:
         """Nothing running and nothing waiting."""
         return self.engine.idle
 
+    def cancel(self, request: int) -> None:
+        """Stop a request: it leaves the batch at the next decoder pass (safe to call from another thread)."""
+        self.engine.cancel(request)
+
     def step(self) -> Iterator[tuple[int, GenerationResponse]]:
         """One canvas for the batch: yields `(request id, response)` per row as it commits; a response with
-        `finish_reason` set is the request's last."""
+        `finish_reason` set is the request's last. Draft previews come as they happen: a caller that stops
+        iterating must not do so at one of those."""
         responses = []  # yielded once the step is over: a caller may stop iterating at any response
         for request, event in self.engine.step():
             progress = self.progress[request]
             progress.stats.canvas, progress.stats.step = event.canvas, event.steps
-            if event.kind == "admit":  # its prefill starts: the prompt's tokens/s count from here
+            if event.kind == "draft":  # yielded at once, for live views
+                yield request, _snapshot(progress.stats, draft=event.tokens[0].tolist())
+            elif event.kind == "admit":  # its prefill starts: the prompt's tokens/s count from here
                 progress.tic = time.perf_counter()
             elif event.kind == "encode":
                 progress.encode(event.tokens[0].tolist())
@@ -239,6 +324,9 @@ class BatchGenerator:
                     responses.append((request, progress.end()))  # its canvases ran out, as alone
                 if progress.stats.finish_reason is not None:
                     del self.progress[request]
+        for request in self.engine.dropped:
+            self.progress.pop(request, None)
+        self.engine.dropped.clear()
         yield from responses
 
 

@@ -145,6 +145,12 @@ class BatchNoise:
             if a:
                 s.skip_categorical((1, *shape[1:]))
 
+    def keep_rows(self, rows: list[int]) -> None:
+        """Keep only these rows' streams (the others' requests left the batch)."""
+        self.sources = [self.sources[r] for r in rows]
+        self.active = [self.active[r] for r in rows]
+        self.stopped_at = [self.stopped_at[r] for r in rows]
+
     def freeze(self, done: mx.array, steps: int) -> None:
         """`denoise_canvas`'s `stopped` hook: rows in `done` stop drawing; remember the pass they stopped at."""
         for r, flag in enumerate(done.tolist()):

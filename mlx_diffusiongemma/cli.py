@@ -328,6 +328,51 @@ def fuse(
     typer.echo(f"wrote {run_fuse(model, adapter_path, save_path, dequantize=dequantize)}")
 
 
+@app.command()
+def serve(
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help=_MODEL_HELP),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (beyond loopback, set --api-key)."),
+    port: int = typer.Option(8080, "--port", help="Port to listen on."),
+    api_key: Optional[str] = typer.Option(
+        None, "--api-key", envvar="MLX_DIFFUSIONGEMMA_API_KEY",
+        help="Require `Authorization: Bearer KEY` on /v1 (default: none; also read from MLX_DIFFUSIONGEMMA_API_KEY).",
+    ),
+    drafter: str = typer.Option(
+        "reference", "--drafter", help="Default drafter preset or JSON file; requests may name a preset only."
+    ),
+    max_tokens: Optional[int] = typer.Option(
+        None, "--max-tokens", help="Reply length when a request does not set one (default: the checkpoint's "
+        "max_new_tokens, else 256)."
+    ),
+    max_tokens_limit: int = typer.Option(8192, "--max-tokens-limit", help="The most max_tokens a request may ask."),
+    decode_concurrency: int = typer.Option(
+        4, "--decode-concurrency", help="Requests denoised together in one batch (per drafter)."
+    ),
+    max_queue: int = typer.Option(16, "--max-queue", help="Requests waiting beyond those; more are answered 429."),
+    prompt_cache_bytes: int = typer.Option(
+        1 << 30, "--prompt-cache-bytes", help="Memory for encoded prompt prefixes reused across requests (0: off)."
+    ),
+    chat_template_args: Optional[str] = typer.Option(
+        None, "--chat-template-args", help="Default chat template variables as a JSON object (requests' "
+        "chat_template_kwargs win)."
+    ),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, bfloat16 or float16 (default: the checkpoint's)."),
+    adapter_path: Optional[str] = typer.Option(None, "--adapter-path", help=_ADAPTER_HELP),
+    drain_timeout: float = typer.Option(
+        30.0, "--drain-timeout", help="On SIGTERM, seconds requests in flight may take to finish before they are "
+        "cancelled."
+    ),
+    log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error."),
+):
+    """Serve the model over an OpenAI-compatible HTTP API (chat and completions, streaming, tool calls)."""
+    from .serve import run_serve
+
+    run_serve(model, host=host, port=port, api_key=api_key, drafter=drafter, max_tokens=max_tokens,
+              max_tokens_limit=max_tokens_limit, decode_concurrency=decode_concurrency, max_queue=max_queue,
+              prompt_cache_bytes=prompt_cache_bytes, chat_template_args=chat_template_args, dtype=dtype,
+              adapter_path=adapter_path, drain_timeout=drain_timeout, log_level=log_level)
+
+
 def _null_for_closed_streams() -> None:
     """A closed standard stream (`>&-`) becomes /dev/null: writes go nowhere instead of failing, and its file
     descriptor is not handed to the next file this process opens (where stray writes would corrupt it)."""

@@ -69,13 +69,15 @@ def _pinned(canvas: mx.array, first: mx.array | None) -> mx.array:
 
 def denoise_canvas(model: Model, cache, drafter: DrafterConfig, noise: NoiseSource, batch: int,
                    first: mx.array | None = None, stopped: Callable[[mx.array, int], None] | None = None,
-                   backend: Backend | None = None):
+                   backend: Backend | None = None, drop: Callable[[], list[int] | None] | None = None):
     """Draft one canvas: yields `(argmax canvas, steps)` after every decoder pass; the last is committed.
 
     `first` ([B] ids), when given, is known to open the canvas (the verifier's choice): it is held fixed in
     every pass's input and output, like a position that is never noised. `stopped(done, steps)`, when given,
     is told after each pass which rows' adaptive stop has fired (the batch engine stops their random streams).
     `backend` runs the passes over the vocabulary (default: `backend.select()` for the default device).
+    `drop()`, when given, is asked after each pass which rows to keep (None: all); the batch engine uses it to
+    let a cancelled request go mid-canvas (it trims the cache and noise rows itself). No rows left ends it.
     """
     N, V, C = drafter.max_denoising_steps, model.args.vocab_size, drafter.canvas_length
     backend = backend or select()
@@ -113,7 +115,14 @@ def denoise_canvas(model: Model, cache, drafter: DrafterConfig, noise: NoiseSour
         yield argmax, N - n + 1
         if drafter.adaptive_stop and stopped is not None:
             stopped(done, N - n + 1)
-        # The stop test's sync (on the CPU backend the host vocabulary passes already waited for the logits).
+        keep = drop() if drop is not None else None
+        if keep is not None:
+            if not keep:
+                return
+            rows = mx.array(keep)
+            x, argmax, sc, done = x[rows], argmax[rows], sc[rows], done[rows]
+            history, batch = tuple(h[rows] for h in history), len(keep)
+        # The stop test's sync; on the CPU backend the host vocabulary pass also waits for each pass's logits.
         if drafter.adaptive_stop and done.all().item():
             return
 

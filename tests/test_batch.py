@@ -180,3 +180,36 @@ def test_batch_noise_draws_each_rows_own_stream(kind):
     ref = make(2)
     ref.randint((1, 5), 40), ref.categorical(probs[1:2])
     assert batch.sources[1].randint((1, 5), 40).tolist() == ref.randint((1, 5), 40).tolist()
+
+
+def test_a_finished_row_hands_over_its_whole_conversation(tiny):
+    """`finished` gets a cache of the row's own holding its prompt and whole reply (to EOS or the budget):
+    the K/V a fresh prefill of those ids writes, whatever padding or sliding eviction the batch had."""
+    from mlx_diffusiongemma.generate import prefill
+    from mlx_diffusiongemma.hidden import visible
+
+    _, model, tokenizer = tiny
+    batch = BatchGenerator(model, tokenizer, max_batch=4)
+    handed = {}
+    batch.engine.finished = lambda request, cache, ids: handed.setdefault(request, (cache, ids))
+    prompts = _prompts(0)[:4]
+    requests = [batch.submit(p, max_tokens=m, seed=s) for s, (p, m) in enumerate(zip(prompts, MAX_TOKENS))]
+    replies, ends = {r: [] for r in requests}, {}
+    while not batch.idle:
+        for request, response in batch.step():
+            replies[request] += response.tokens
+            ends[request] = response.finish_reason
+    assert sorted(handed) == requests
+    for request, prompt in zip(requests, prompts):
+        cache, ids = handed[request]
+        eos = [ids[-1]] if ends[request] == "stop" else []  # the EOS the model wrote, which a chat re-renders
+        written = visible(ids[len(prompt):], batch.hidden)  # the held ids carry hidden ones (pad...) too
+        # A budget counts hidden ids in the batch's rows (not in the text): the held reply may end earlier.
+        reply = replies[request] + eos if ends[request] == "stop" else replies[request][: len(written)]
+        assert ids[: len(prompt)] == prompt and written == reply
+        fresh = model.make_cache()
+        prefill(model, mx.array([ids]), fresh)
+        for own, want in zip(cache, fresh):
+            assert (own.length, own.offset) == (want.length, want.offset)
+            for got, ref in zip(own.state, want.state):
+                assert mx.allclose(got, ref, atol=1e-4).item()

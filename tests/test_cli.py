@@ -242,6 +242,10 @@ FLAGS = {
         "--batch-size", "--learning-rate", "--save-every", "--resume", "--adapter-path", "--save-path",
     ],
     ("fuse",): ["--model", "--adapter-path", "--save-path", "--dequantize"],
+    ("serve",): [
+        "--model", "--host", "--port", "--api-key", "--drafter", "--max-tokens", "--max-tokens-limit",
+        "--decode-concurrency", "--max-queue", "--prompt-cache-bytes", "--chat-template-args", "--drain-timeout",
+    ],
 }
 
 

@@ -18,6 +18,12 @@ things this machine does not have) and for the listed EXCEPTIONS:
     train.jsonl, valid.jsonl (your data)          a few toy-task examples, in the block's folder
     /tmp/...                                      the same path inside the block's folder
     python, pip, pytest, mlx-diffusiongemma       this interpreter's environment (its bin folder first)
+    localhost:8080 (the `serve` example's port)    127.0.0.1 and a free port
+
+The `mlx-diffusiongemma serve` command runs for as long as it is let, so it is not run inside its block: the
+`readme_server` fixture starts it as typed (with the free port), in the background, before the blocks that
+need it; its block passes when that server answers `/health`, the blocks that call it (curl, `openai`) run
+against it, and it must exit 0 on SIGTERM at the end.
 
 A command passes when it exits 0 with no traceback and no `error:` line on stderr.
 """
@@ -30,6 +36,8 @@ import os
 import re
 import shlex
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -53,6 +61,8 @@ SHELL, PYTHON, OUTPUT = ("bash", "sh", "shell"), ("python", "py"), ("", "text", 
 HUB_ID = re.compile(r"(?<![\w./-])([\w.-]+/diffusiongemma-[\w.-]+)")
 COMMAND_WORDS = ("mlx-diffusiongemma", "python", "pip", "pytest", "from ", "import ")
 RELEASED_CONTEXT = 262144
+SERVE = re.compile(r"^mlx-diffusiongemma serve\b")
+SERVE_ADDRESS = "localhost:8080"
 
 
 @dataclass(frozen=True)
@@ -200,9 +210,14 @@ def _workdir(block: Block, stand_ins: dict[str, Path]) -> Path:
 # --- running a block ------------------------------------------------------------------------------------
 
 
-def _as_run(command: str, work: Path) -> tuple[str | None, list[str]]:
+def _as_run(command: str, work: Path, server: str | None = None) -> tuple[str | None, list[str]]:
     """(the bash command line to run, or None when it is only checked; the exceptions applied)."""
     command = re.sub(r"(?<![\w./-])/tmp/", f"{work}/tmp/", command)
+    if server is not None:
+        command = command.replace(SERVE_ADDRESS, server)
+    if SERVE.match(command):
+        assert server is not None and httpx_get(f"http://{server}/health").status_code == 200
+        return None, ["serve: started by the readme_server fixture as typed (a free port), answering /health"]
     words = shlex.split(command, comments=True)
     if words[:2] == ["pip", "install"]:
         spec, _, rest = command.partition("&&")
@@ -227,17 +242,19 @@ def _failure(result: subprocess.CompletedProcess) -> str | None:
     return None
 
 
-def run_block(block: Block, stand_ins: dict[str, Path]) -> list[tuple[str, float, str | None]]:
+def run_block(block: Block, stand_ins: dict[str, Path], server: str | None = None
+              ) -> list[tuple[str, float, str | None]]:
     """Run a block: [(what ran, seconds, failure or None)] per command (the Python block is one command)."""
     work, env = _workdir(block, stand_ins), _env(stand_ins)
     if block.language in PYTHON:
         script = work / "readme_block.py"
-        script.write_text(re.sub(r"(?<![\w./-])/tmp/", f"{work}/tmp/", block.text))
+        text = block.text if server is None else block.text.replace(SERVE_ADDRESS, server)
+        script.write_text(re.sub(r"(?<![\w./-])/tmp/", f"{work}/tmp/", text))
         runs = [([sys.executable, str(script)], block.text.splitlines()[0])]
     else:
         runs = []
         for command in commands(block):
-            line, applied = _as_run(command, work)
+            line, applied = _as_run(command, work, server)
             label = command + (f"  [{'; '.join(applied)}]" if applied else "")
             runs.append((None if line is None else ["bash", "-o", "pipefail", "-c", line], label))
     out = []
@@ -254,13 +271,53 @@ def run_block(block: Block, stand_ins: dict[str, Path]) -> list[tuple[str, float
     return out
 
 
+def httpx_get(url: str):
+    import httpx
+
+    return httpx.get(url, timeout=5)
+
+
+def _needs_server(block: Block) -> bool:
+    return SERVE_ADDRESS in block.text or any(SERVE.match(c) for c in commands(block))
+
+
+@pytest.fixture(scope="module")
+def readme_server(stand_ins):
+    """The README's `serve` command, as typed but on a free port, running in the background: `host:port`."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    line = next(c for b in RUNNABLE if b.language in SHELL for c in commands(b) if SERVE.match(c))
+    line = line.replace("--port 8080", f"--port {port}")
+    assert f"--port {port}" in line, f"the README's serve command should name --port 8080: {line}"
+    work = stand_ins["model"].parent / "serve"
+    work.mkdir()
+    log = work / "serve.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(["bash", "-c", f"exec {line}"], cwd=work, env=_env(stand_ins), stdout=out,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    address = f"127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline:
+        try:
+            if httpx_get(f"http://{address}/health").status_code == 200:
+                break
+        except Exception:  # noqa: BLE001 - not up yet
+            time.sleep(0.2)
+    yield address if proc.poll() is None else None
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == 0, log.read_text()[-2000:]
+
+
 @pytest.fixture(scope="module")
 def block_runs(request, stand_ins):
     """Runs of the selected blocks, two at a time (most of a command's time is its interpreter's start-up)."""
     selected = [item.callspec.params["block"] for item in request.session.items
                 if getattr(item, "originalname", "") == "test_readme_block" and hasattr(item, "callspec")]
+    server = request.getfixturevalue("readme_server") if any(map(_needs_server, selected)) else None
     pool = ThreadPoolExecutor(max_workers=2)
-    futures = {block: pool.submit(run_block, block, stand_ins) for block in selected}
+    futures = {block: pool.submit(run_block, block, stand_ins, server if _needs_server(block) else None)
+               for block in selected}
     yield futures
     pool.shutdown(cancel_futures=True)
 

@@ -1,0 +1,215 @@
+"""Soak test of `mlx-diffusiongemma serve` on loopback: does it stay healthy, fast and flat in memory?
+
+    python benchmarks/soak.py                       # the toy soak, then 1 vs 4 clients on random medium
+    python benchmarks/soak.py --skip-medium         # the toy soak only (about a minute)
+
+Toy soak: the real `serve` command (a subprocess on 127.0.0.1, a free port) gets `--requests` chat requests
+(default 200) from `--clients` concurrent clients (4): held-out toy prompts, every other one streamed, and one
+client in ten hangs up after the first chunk of a streamed reply. It reports unintended errors (anything but
+those hang-ups: a non-200 status, an error event, a broken stream), the median latency of the first and the
+last 50 completed requests, and the server's resident memory after the first 50 requests and at the end.
+Targets: no unintended error, last-50 median within 10% of first-50, RSS growth under 5%.
+
+Medium throughput: the server's app and engine in this process (uvicorn in a thread, still loopback HTTP) over
+the random "medium" geometry (fp32; hidden 512, 6 layers, 16 experts, vocab 32000, canvas 256) with a fixed
+8-step drafter and no end-of-sequence id, so every request does the same work: aggregate generated tokens/s
+at 1 client and at 4 concurrent clients, each sending `--medium-requests` completions of 2 canvases after a
+100-token prompt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from openblas import reexec_with_openblas  # noqa: E402
+
+import httpx  # noqa: E402
+
+HOST = "127.0.0.1"  # loopback only, by design
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process in MB (`ps` works on Linux and macOS)."""
+    return int(subprocess.check_output(["ps", "-o", "rss=", "-p", str(pid)]).strip()) / 1024
+
+
+def wait_healthy(url: str, proc: subprocess.Popen | None = None, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise SystemExit(f"serve exited with {proc.returncode}")
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    raise SystemExit("the server did not come up")
+
+
+def one_request(url: str, i: int, prompt: str, stream: bool, hang_up: bool) -> tuple[str, float]:
+    """('ok' | 'hung up' | an error description, seconds)."""
+    body = {"model": "toy", "messages": [{"role": "user", "content": prompt}], "seed": i, "stream": stream}
+    tic = time.perf_counter()
+    try:
+        if not stream:
+            r = httpx.post(url + "/v1/chat/completions", json=body, timeout=120)
+            ok = r.status_code == 200 and r.json()["choices"][0]["finish_reason"] in ("stop", "length")
+            return ("ok" if ok else f"status {r.status_code}: {r.text[:200]}"), time.perf_counter() - tic
+        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=120) as r:
+            if r.status_code != 200:
+                return f"status {r.status_code}", time.perf_counter() - tic
+            lines = [line for line in r.iter_lines() if line]
+            if hang_up:
+                return "hung up", time.perf_counter() - tic
+        if lines[-1] != "data: [DONE]" or any('"error"' in line for line in lines):
+            return f"bad stream: {lines[-2:]}", time.perf_counter() - tic
+        return "ok", time.perf_counter() - tic
+    except httpx.HTTPError as e:
+        return f"{type(e).__name__}: {e}", time.perf_counter() - tic
+
+
+def hang_up_early(url: str, i: int, prompt: str) -> tuple[str, float]:
+    """A client that closes the connection after the first chunk of a streamed reply."""
+    body = {"model": "toy", "messages": [{"role": "user", "content": prompt}], "seed": i, "stream": True}
+    tic = time.perf_counter()
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=120) as r:
+        next(line for line in r.iter_lines() if line.startswith("data: {"))
+    return "hung up", time.perf_counter() - tic
+
+
+def toy_soak(args) -> dict:
+    from mlx_diffusiongemma.toy import held_out
+
+    prompts = [p for task in ("add", "sort", "sudoku") for p, _ in held_out(task, 100)]
+    random.Random(0).shuffle(prompts)
+    port = free_port()
+    url = f"http://{HOST}:{port}"
+    proc = subprocess.Popen([sys.executable, "-m", "mlx_diffusiongemma", "serve", "--model", "toy", "--host", HOST,
+                             "--port", str(port), "--decode-concurrency", str(args.clients), "--log-level",
+                             "warning"])
+    try:
+        wait_healthy(url, proc)
+        results: list[tuple[int, str, float]] = []
+        rss: dict[str, float] = {"start": rss_mb(proc.pid)}
+
+        def run(i: int) -> None:
+            prompt = prompts[i % len(prompts)]
+            if i % 10 == 5:
+                outcome = hang_up_early(url, i, prompt)
+            else:
+                outcome = one_request(url, i, prompt, stream=i % 2 == 1, hang_up=False)
+            results.append((i, *outcome))
+            if len(results) == 50:
+                rss["after 50"] = rss_mb(proc.pid)
+
+        tic = time.perf_counter()
+        with ThreadPoolExecutor(args.clients) as pool:
+            list(pool.map(run, range(args.requests)))
+        wall = time.perf_counter() - tic
+        time.sleep(1.0)
+        rss["end"] = rss_mb(proc.pid)
+        health = httpx.get(url + "/health").json()
+    finally:
+        proc.terminate()
+        code = proc.wait(60)
+    results.sort()
+    errors = [(i, what) for i, what, _ in results if what not in ("ok", "hung up")]
+    done = [t for _, what, t in results if what == "ok"]
+    first, last = statistics.median(done[:50]), statistics.median(done[-50:])
+    return {"requests": len(results), "hung up": sum(w == "hung up" for _, w, _ in results),
+            "unintended errors": errors, "wall s": round(wall, 1), "p50 first 50 s": round(first, 3),
+            "p50 last 50 s": round(last, 3), "p50 change": f"{(last / first - 1) * 100:+.1f}%",
+            "rss MB": {k: round(v, 1) for k, v in rss.items()},
+            "rss growth after warm-up": f"{(rss['end'] / rss['after 50'] - 1) * 100:+.1f}%",
+            "health at end": health, "exit code after SIGTERM": code}
+
+
+def medium_throughput(args) -> dict:
+    import uvicorn
+
+    from mlx_diffusiongemma.bench import random_model
+    from mlx_diffusiongemma.engine import Engine
+    from mlx_diffusiongemma.loader import load
+    from mlx_diffusiongemma.server import ServeOptions, State, create_app
+
+    drafter = Path(tempfile.mkdtemp()) / "fixed8.json"
+    drafter.write_text(json.dumps({"name": "fixed8", "max_denoising_steps": 8, "adaptive_stop": False}))
+
+    def loader():
+        _, tokenizer = load("toy")  # ids past its 128 decode to nothing: the text is empty, the counts are not
+        tokenizer.eos_token_ids = []  # no end-of-sequence: every request does the same work
+        return random_model("medium", "float32"), tokenizer
+
+    engine = Engine(loader, max_batch=4, max_queue=8, prefix_cache_bytes=0)
+    model, tokenizer = engine.start()
+    state = State(model, tokenizer, engine, ServeOptions(model_id="medium", drafter=str(drafter)))
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(state), host=HOST, port=port, log_level="warning"))
+    threading.Thread(target=server.run, daemon=True).start()
+    url = f"http://{HOST}:{port}"
+    wait_healthy(url)
+    canvas = model.args.canvas_length
+    rng = random.Random(0)
+
+    def ask(i: int) -> int:
+        ids = [rng.randrange(10, 32000) for _ in range(100)]
+        body = {"model": "medium", "prompt": ids, "max_tokens": 2 * canvas, "seed": i}
+        tic = time.perf_counter()
+        r = httpx.post(url + "/v1/completions", json=body, timeout=1800)
+        r.raise_for_status()
+        tokens = r.json()["usage"]["completion_tokens"]
+        print(f"  medium request {i}: {tokens} tokens in {time.perf_counter() - tic:.1f} s", file=sys.stderr,
+              flush=True)
+        return tokens
+
+    ask(10**6)  # warm-up
+    out = {}
+    for clients in (1, 4):
+        tic = time.perf_counter()
+        with ThreadPoolExecutor(clients) as pool:
+            tokens = sum(pool.map(ask, range(clients * args.medium_requests)))
+        wall = time.perf_counter() - tic
+        out[f"{clients} client(s)"] = {"requests": clients * args.medium_requests, "tokens": tokens,
+                                       "wall s": round(wall, 1), "aggregate tok/s": round(tokens / wall, 1)}
+    server.should_exit = True
+    engine.close()
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--medium-requests", type=int, default=2, help="completions per client on medium")
+    parser.add_argument("--skip-medium", action="store_true")
+    parser.add_argument("--skip-toy", action="store_true")
+    parser.add_argument("--no-openblas", action="store_true")
+    args = parser.parse_args()
+    blas = reexec_with_openblas(not args.no_openblas)
+    print(f"BLAS: {blas}", flush=True)
+    if not args.skip_toy:
+        print(json.dumps({"toy soak": toy_soak(args)}, indent=2), flush=True)
+    if not args.skip_medium:
+        print(json.dumps({"random medium, fp32, 8 fixed steps": medium_throughput(args)}, indent=2), flush=True)
+
+
+if __name__ == "__main__":
+    main()
