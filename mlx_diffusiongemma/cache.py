@@ -90,10 +90,19 @@ class ArrayCache:
     """One layer's K/V as plain arrays, joined by concatenation instead of written into buffers: differentiable,
     for training. `Model.encode` fills it over a whole sequence (every position kept: the encoder's own masks
     apply the sliding window), and `prefix(n, window)` is the cache the decoder would see after only the first
-    n positions had been encoded: a causal position's K/V depend only on what precedes it."""
+    n positions had been encoded: a causal position's K/V depend only on what precedes it.
 
-    def __init__(self, keys: mx.array | None = None, values: mx.array | None = None, offset: int = 0):
-        self.keys, self.values, self.offset = keys, values, offset
+    `left` (`[B]`, optional) counts the pad slots in front of each row of a batch of prompts of different
+    lengths: they are hidden from every query, and each row's positions start at 0 after its pads."""
+
+    def __init__(self, keys: mx.array | None = None, values: mx.array | None = None, offset: int | mx.array = 0,
+                 left: mx.array | None = None):
+        self.keys, self.values, self.offset, self.left = keys, values, offset, left
+
+    @classmethod
+    def padded(cls, left: mx.array) -> "ArrayCache":
+        """An empty cache for rows with `left[r]` pad tokens in front."""
+        return cls(offset=-left, left=left)
 
     @property
     def length(self) -> int:
@@ -109,14 +118,23 @@ class ArrayCache:
         self.offset += k.shape[2]
         return self.keys, self.values
 
-    def padding_mask(self, new: int) -> None:
-        return None
+    def padding_mask(self, new: int) -> mx.array | None:
+        if self.left is None:
+            return None
+        slots = mx.arange(self.length + new)
+        valid = (slots[None, :] >= self.left[:, None])[:, None, None, :]
+        # A pad query sees only itself: a row with no visible key would make NaNs that leak through 0 * NaN.
+        own = (slots[None, :] == self.length + mx.arange(new)[:, None])[None, None]
+        return valid | own
 
     def prefix(self, n: int, window: int | None = None) -> "ArrayCache":
         """A read-only view of the first `n` positions, retaining the last `window - 1` of them as a sliding
         layer's `LayerCache` does."""
         start = max(0, n - (window - 1)) if window else 0
-        return ArrayCache(self.keys[:, :, start:n], self.values[:, :, start:n], n)
+        if self.left is None:
+            return ArrayCache(self.keys[:, :, start:n], self.values[:, :, start:n], n)
+        return ArrayCache(self.keys[:, :, start:n], self.values[:, :, start:n], n - self.left,
+                          mx.maximum(self.left - start, 0))
 
 
 def cache_offset(cache: list[LayerCache]) -> int | mx.array:

@@ -84,6 +84,34 @@ def test_prefix_view_matches_inference_cache(ckpt, example):
         assert mx.array_equal(model.decode(canvas, prefix_cache(model, kvs, prefix)), expected)
 
 
+def test_padded_prompts_share_a_batch_exactly(ckpt, example):
+    """A row with pad tokens in front (`prompt_pad`) gets, at its own positions, the encoder logits and decoder
+    logits it gets alone, and its loss and gradients stay finite: rows of different prompt lengths batch."""
+    import mlx.nn as nn
+
+    model, _ = load(ckpt)
+    ids, prompt_len = example
+    pad = 5
+    alone = mx.array(ids)[None]
+    rows = mx.array([[0] * pad + ids, ids + [0] * pad])  # row 1: the same example, unpadded, longer tail
+    left = mx.array([pad, 0])
+    logits_alone, kvs_alone = encoder_forward(model, alone)
+    logits, kvs = encoder_forward(model, rows, left)
+    assert mx.allclose(logits[0, pad:], logits_alone[0], atol=1e-5)
+    assert mx.allclose(logits[1, : len(ids)], logits_alone[0], atol=1e-5)
+    canvas = mx.array(ids[prompt_len : prompt_len + 8])[None]
+    for prefix in (3, prompt_len):  # shorter and longer than the sliding window
+        expected = model.decode(canvas, prefix_cache(model, kvs_alone, prefix))
+        got = model.decode(mx.concatenate([canvas, canvas]), prefix_cache(model, kvs, prefix + pad))
+        assert mx.allclose(got[0], expected[0], atol=1e-5)
+    padded = mx.array([[0] * pad + ids, [7] * pad + ids])  # row 1: a longer prompt, no pads
+    fn = nn.value_and_grad(model, lambda: diffusion_loss(model, padded, prompt_len + pad, mx.random.key(0),
+                                                         prompt_pad=[pad, 0])[0])
+    loss, grads = fn()
+    assert mx.isfinite(loss).item()
+    assert all(mx.isfinite(g).all().item() for _, g in tree_flatten(grads))
+
+
 def test_loss_decreases_on_a_repeated_example(ckpt, example):
     model, _ = load(ckpt)
     ids, prompt_len = example

@@ -42,12 +42,12 @@ from ..model import SLIDING, Model
 EPS = 1e-3
 
 
-def encoder_forward(model: Model, ids: mx.array) -> tuple[mx.array, list[ArrayCache]]:
+def encoder_forward(model: Model, ids: mx.array, left: mx.array | None = None) -> tuple[mx.array, list[ArrayCache]]:
     """The causal encoder over `[B, L]` ids from position 0, every layer run in full: (`[B, L, V]` softcapped
-    next-token logits, each layer's K/V as an `ArrayCache`)."""
+    next-token logits, each layer's K/V as an `ArrayCache`). `left` (`[B]`): pad tokens in front of each row."""
     if not model.args.encoder_causal:
         raise UsageError("fine-tuning needs a causal encoder (use_bidirectional_attention 'all' is not supported)")
-    cache = [ArrayCache() for _ in model.layers]
+    cache = [ArrayCache() if left is None else ArrayCache.padded(left) for _ in model.layers]
     return model.encode(ids, cache, logits="all"), cache
 
 
@@ -78,13 +78,15 @@ def diffusion_loss(
     encoder_weight: float = 1.0,
     pad_id: int | None = None,
     encoder_mask=None,
+    prompt_pad=None,
 ) -> tuple[mx.array, dict[str, mx.array]]:
     """The SFT loss of `prompt + response` sequences (see the module docstring); `(loss, metrics)`.
 
     `tokens` is one sequence `[L]` or a batch `[B, L]` of equally long ones sharing `prompt_len`; a batch
     draws its corruption per sequence and its self-conditioning coin per block (shared by the batch).
     `encoder_mask` (`[B, L]`, 1 where a token is the model's own) widens the encoder's next-token loss from
-    the response to every such token, e.g. the earlier replies of a conversation.
+    the response to every such token, e.g. the earlier replies of a conversation. `prompt_pad` (`[B]`) lets
+    prompts of different lengths share a batch: row r starts with that many pad tokens, which no position sees.
     """
     tokens = mx.array(tokens, dtype=mx.int32)
     tokens = tokens[None] if tokens.ndim == 1 else tokens
@@ -104,7 +106,8 @@ def diffusion_loss(
     noisy = mx.where(corrupt, mx.random.randint(0, V, (B, blocks, C), key=k_ids), clean)
     use_sc = mx.random.uniform(shape=(blocks,), key=k_sc) < self_conditioning_prob
 
-    enc_logits, kvs = encoder_forward(model, tokens)
+    left = None if prompt_pad is None else mx.array(prompt_pad, dtype=mx.int32)
+    enc_logits, kvs = encoder_forward(model, tokens, left)
     enc_ce = _encoder_loss(enc_logits, tokens, prompt_len, encoder_mask)
 
     total = mx.array(0.0)
