@@ -178,18 +178,15 @@ def demo(
     pace: float = typer.Option(
         0.05, "--pace", help="Seconds to pause after each denoising step in the live view, so it can be watched."
     ),
-    think: bool = typer.Option(False, "--think/--no-think", help="Switch the chat template's thinking on."),
-    tools: bool = typer.Option(False, "--tools", help="Declare a calculator tool; the demo answers its calls."),
 ):
-    """Watch the bundled toy model (trained with `finetune`'s objective) solve held-out puzzles, offline,
-    as the turns of one conversation.
+    """Watch the bundled toy model (trained with `finetune`'s objective) solve held-out puzzles, offline.
 
     The toy model is a 1.3M-parameter DiffusionGemma (same architecture, tiny geometry) that ships in the
     package; `--model toy` selects it in every other command too.
     """
     from .demo import run_demo
 
-    run_demo(task=task, count=count, drafter=drafter, seed=seed, live=live, pace=pace, think=think, tools=tools)
+    run_demo(task=task, count=count, drafter=drafter, seed=seed, live=live, pace=pace)
 
 
 @app.command()

@@ -1,42 +1,30 @@
 """Train the bundled toy DiffusionGemma from scratch, reproducibly, and score it.
 
     pip install -e '.[test]'      # transformers + torch write the initial HF checkpoint
-    python scripts/train_toy.py --data single --out /tmp/toy-stage1 --eval-prompts 0                  # 47 min
-    python scripts/train_toy.py --data single --resume-from /tmp/toy-stage1 --out /tmp/toy-stage2 \
-        --tasks add,add,add,add,sort,sudoku --iters 3000 --learning-rate 2e-3 --seed 1                 # 17-23 min
-    OPENBLAS_NUM_THREADS=1 mlx.launch -n 2 --backend ring --python python scripts/train_toy.py \
-        --resume-from /tmp/toy-stage2 --out /tmp/toy --iters 1200 --learning-rate 1e-3 --seed 2        # v2
+    python scripts/train_toy.py --out /tmp/toy-stage1 --eval-prompts 0                  # 47 min here
+    python scripts/train_toy.py --resume-from /tmp/toy-stage1 --out /tmp/toy \\
+        --tasks add,add,add,add,sort,sudoku --iters 3000 --learning-rate 2e-3 --seed 1   # 17-23 min here
 
-are the three stages that made `mlx_diffusiongemma/toy_model/` (its `metrics.json` records them; the first
-two ran before `--data` existed, with the one-turn data `single` now names). The first learns sort and
-sudoku; addition needs the second, weighted to it, to leave its plateau. The third (v2) teaches
-conversations (`dialogues.py`): 1-4 earlier turns, Gemma 4's thinking channel, and calls to a declared
-calculator tool, with the encoder's next-token loss over every reply in the context. Under `mlx.launch -n N`
-each process trains on its share of the batch and the gradients are averaged: MLX's CPU backend runs a
-process's ops on one core, so this is how both cores of this machine help.
+are the two stages that made `mlx_diffusiongemma/toy_model/` (its `metrics.json` records both commands).
+The first learns sort and sudoku; addition needs the second, weighted to it, to leave its plateau.
 
 The model is the real architecture at a small size: sliding and full attention layers, a dense MLP beside a
 top-2-of-8 mixture of experts, the self-conditioning MLP, a character-level tokenizer with the Gemma 4 chat
-format and its thinking and tool markers as single tokens, and a 24-token canvas. transformers builds the
-random initial checkpoint (so the folder is HF-format by construction); MLX trains it with the
-block-diffusion SFT loss of `train.diffusion_loss` on data drawn fresh from `tasks.py` and `dialogues.py`
-(never a held-out prompt), then the trained tensors are written back under their HF names. Everything is
-seeded; `metrics.json` records each stage's command, time and final losses and the held-out figures: accuracy
-and denoising steps per task for the `reference` and `fast` drafters, and (reference drafter) the 3rd turn of
-a conversation, thinking on, and the calculator round trip.
+format, and a 24-token canvas. transformers builds the random initial checkpoint (so the folder is
+HF-format by construction); MLX trains it with the block-diffusion SFT loss of `train.diffusion_loss` on
+prompts drawn fresh from `tasks.py` (never a held-out one), then the trained tensors are written back under
+their HF names. Everything is seeded; `metrics.json` records each stage's command, time and final losses and
+the held-out accuracy and mean denoising steps per task for the `reference` and `fast` drafters.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
-import queue
 import random
 import shutil
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -44,7 +32,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_flatten
 from safetensors.numpy import load_file, save_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,12 +42,9 @@ from checkpoints import CHAT_TEMPLATE, RELEASED_GENERATION_CONFIG, build_checkpo
 
 from openblas import reexec_with_openblas  # noqa: E402
 
-from mlx_diffusiongemma.dialogues import MARKERS, make_dialogue  # noqa: E402
 from mlx_diffusiongemma.loader import load  # noqa: E402
 from mlx_diffusiongemma.tasks import TASKS  # noqa: E402
-from mlx_diffusiongemma.toy import (  # noqa: E402
-    TOY_PATH, evaluate, evaluate_thinking, evaluate_tools, evaluate_turns, held_out_prompts,
-)
+from mlx_diffusiongemma.toy import TOY_PATH, evaluate, held_out_prompts  # noqa: E402
 from mlx_diffusiongemma.train import diffusion_loss  # noqa: E402
 
 VOCAB_SIZE = 128
@@ -67,15 +52,12 @@ CANVAS = 24  # the longest reply, a sudoku grid (19 characters) and the end of t
 GEOMETRY = dict(
     hidden_size=96, intermediate_size=192, num_attention_heads=4, num_key_value_heads=2, head_dim=24,
     global_head_dim=48, num_global_key_value_heads=1, num_experts=8, top_k_experts=2, moe_intermediate_size=96,
-    max_position_embeddings=1024, layer_types=["sliding_attention", "full_attention"] * 2,
+    max_position_embeddings=256, layer_types=["sliding_attention", "full_attention"] * 2,
 )
 SLIDING_WINDOW = 24  # shorter than a sudoku prompt (35 tokens), so the sliding layers do slide
-# Ids 0-4, 105 and 106 are the released Gemma 4 ones; the characters and role words fill the gap. The
-# thinking and tool markers (v2) are single tokens as in the released tokenizer, in formerly unused ids, and
-# not "special", so decoding never strips them (the chat and tool-call parsers read them).
+# Ids 0-4, 105 and 106 are the released Gemma 4 ones; the characters and role words fill the gap.
 SPECIAL = {0: "<pad>", 1: "<eos>", 2: "<bos>", 3: "<unk>", 4: "<mask>", 105: "<|turn>", 106: "<turn|>"}
-WORDS = {101: "user", 102: "model", 103: "system", 104: "tool", **dict(zip(range(107, 117), MARKERS))}
-TOOL_RESPONSE = 114  # `<|tool_response>`: an end of generation, as id 50 is in the released config
+WORDS = {101: "user", 102: "model", 103: "system"}
 
 
 def build_tokenizer(path: Path) -> None:
@@ -107,129 +89,76 @@ def build_initial(path: Path, seed: int) -> None:
                      sliding_window=SLIDING_WINDOW, canvas_length=CANVAS, tokenizer=False, vocab_size=VOCAB_SIZE,
                      embed_std=None, **GEOMETRY)
     build_tokenizer(path)
-    generation = {**RELEASED_GENERATION_CONFIG, "eos_token_id": [1, 106, TOOL_RESPONSE], "max_new_tokens": CANVAS}
-    (path / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-
-
-def upgrade(path: Path) -> None:
-    """Bring a folder of an earlier stage to this script's format: the tokenizer with every marker, the
-    context length and the end-of-generation ids (the weights are untouched; the new ids were unused rows)."""
-    build_tokenizer(path)
-    config = json.loads((path / "config.json").read_text())
-    config["text_config"]["max_position_embeddings"] = GEOMETRY["max_position_embeddings"]
-    config["eos_token_id"] = [1, 106, TOOL_RESPONSE]
-    (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    generation = json.loads((path / "generation_config.json").read_text())
-    generation["eos_token_id"] = [1, 106, TOOL_RESPONSE]
+    generation = {**RELEASED_GENERATION_CONFIG, "eos_token_id": [1, 106], "max_new_tokens": CANVAS}
     (path / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
 
 
 # --- data ---------------------------------------------------------------------------------------------------
 
 
-def encode(tokenizer, dialogue) -> tuple[list[int], int, list[int]]:
-    """(prompt ids + reply ids, end of turn and pads up to whole canvases; the prompt length; a mask of the
-    tokens the model wrote: every earlier reply and this one, for the encoder's next-token loss)."""
-    def render(messages, gen):
-        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=gen, **dialogue.template))
-
-    ids = render(dialogue.messages, True)
-    mask = [0] * len(ids)
-    for i, m in enumerate(dialogue.messages):
-        if m["role"] == "assistant":  # its span: after `<|turn>model\n`, up to and with its `<turn|>`
-            a, b = len(render(dialogue.messages[:i], True)), len(render(dialogue.messages[: i + 1], False))
-            mask[a : b - 1] = [1] * (b - 1 - a)
-    reply = tokenizer.encode(dialogue.target + "<turn|>\n", add_special_tokens=False)
-    pad = -len(reply) % CANVAS
-    return ids + reply + [0] * pad, len(ids), mask + [1] * (len(reply) - 1) + [0] * (pad + 1)
+def encode(tokenizer, prompt: str, answer: str) -> tuple[list[int], int]:
+    """Prompt ids (chat template with the generation prompt) + answer ids, end of turn and pad to one canvas."""
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+    reply = tokenizer.encode(answer, add_special_tokens=False) + tokenizer.encode("<turn|>\n", add_special_tokens=False)
+    assert len(reply) <= CANVAS, answer
+    return list(ids) + reply + [0] * (CANVAS - len(reply)), len(ids)
 
 
-def batches(tokenizer, batch_size: int, seed: int, skip: set[str], names: list[str], single: bool):
-    """Endless `(kinds, ids, prompt length, mask)` batches of dialogues whose tasks are drawn from `names` (a
-    repeated name weighs more); `single`: one-turn prompts without thinking or tools, as stages 1-2 had.
-    Rows of a batch share their prompt and total lengths (one array, no padding), so dialogues wait in
-    buckets by length until one holds a batch."""
+def batches(tokenizer, batch_size: int, seed: int, skip: set[str], names: list[str]):
+    """Endless batches of one task each (drawn from `names`; a repeated name weighs more), all rows with the
+    same prompt length (so one array, no padding)."""
     rng = random.Random(seed)
-    buckets: dict[tuple[int, int], list] = {}
     while True:
-        options = dict(earlier=0, thinking=False, tools=[]) if single else {}
-        dialogue = make_dialogue(rng, skip, task=rng.choice(names), **options)
-        ids, plen, mask = encode(tokenizer, dialogue)
-        bucket = buckets.setdefault((plen, len(ids)), [])
-        bucket.append((dialogue.kind if dialogue.kind != "answer" else dialogue.task, ids, mask))
-        if len(bucket) == batch_size:
-            del buckets[(plen, len(ids))]
-            kinds, rows, masks = zip(*bucket)
-            yield kinds, rows, plen, masks
-
-
-def prefetched(stream, depth: int = 8):
-    """`stream`'s items made on a thread, so building dialogues overlaps the training step (MLX computes
-    without the GIL)."""
-    items: queue.Queue = queue.Queue(depth)
-    threading.Thread(target=lambda: [items.put(x) for x in stream], daemon=True).start()
-    while True:
-        yield items.get()
+        task = rng.choice(names)
+        make = TASKS[task].make
+        rows, length = [], None
+        while len(rows) < batch_size:
+            prompt, answer = make(rng)
+            if prompt in skip:
+                continue
+            ids, plen = encode(tokenizer, prompt, answer)
+            if length is None or plen == length:
+                length = plen
+                rows.append(ids)
+        yield task, mx.array(rows, dtype=mx.int32), length
 
 
 # --- training -----------------------------------------------------------------------------------------------
 
 
-def average(grads, group):
-    """The mean of every process's gradients, in one all-reduce: with one per tensor, ranks whose graphs differ
-    in shape could schedule them in different orders and wait on each other forever."""
-    flat = tree_flatten(grads)
-    total = mx.distributed.all_sum(mx.concatenate([g.reshape(-1) for _, g in flat]), group=group) / group.size()
-    out, at = [], 0
-    for name, g in flat:
-        out.append((name, total[at : at + g.size].reshape(g.shape)))
-        at += g.size
-    return tree_unflatten(out)
-
-
-def train(model, tokenizer, *, iters: int, batch_size: int, lr: float, seed: int, tasks: list[str], single: bool,
-          log) -> dict:
-    # Under `mlx.launch -n N`, each of N processes trains on batch_size / N rows of its own data and the
-    # gradients are averaged: MLX's CPU backend runs one process's ops on one core, so this is how N cores help.
-    group = mx.distributed.init()
-    rank, size = group.rank(), group.size()
-    seed_r = seed + 7919 * rank
-    mx.random.seed(seed_r)
+def train(model, tokenizer, *, iters: int, batch_size: int, lr: float, seed: int, tasks: list[str], log) -> dict:
+    mx.random.seed(seed)
     warmup = max(1, iters // 20)
     schedule = optim.join_schedules(
         [optim.linear_schedule(1e-7, lr, warmup), optim.cosine_decay(lr, iters - warmup, lr * 0.05)], [warmup]
     )
     opt = optim.AdamW(learning_rate=schedule, weight_decay=0.01)
 
-    def loss_fn(ids, plen, key, mask):
-        loss, m = diffusion_loss(model, ids, plen, key, canvas_length=CANVAS, encoder_mask=mask)
+    def loss_fn(ids, plen, key):
+        loss, m = diffusion_loss(model, ids, plen, key, canvas_length=CANVAS)
         return loss, (m["diffusion_loss"], m["encoder_loss"])
 
     loss_and_grad = nn.value_and_grad(model, loss_fn)
-    key = mx.random.key(seed_r)
-    stream = prefetched(batches(tokenizer, batch_size // size, seed_r, held_out_prompts(), tasks, single))
-    recent: dict[str, list[float]] = {}
+    key = mx.random.key(seed)
+    stream = batches(tokenizer, batch_size, seed, held_out_prompts(), tasks)
+    recent: dict[str, list[float]] = {t: [] for t in TASKS}
     start = tic = time.perf_counter()
     reported = 0
     for it in range(1, iters + 1):
-        kinds, rows, plen, masks = next(stream)
-        ids, mask = mx.array(rows, dtype=mx.int32), mx.array(masks, dtype=mx.float32)
+        task, ids, plen = next(stream)
         key, sub = mx.random.split(key)
-        (loss, (diff, enc)), grads = loss_and_grad(ids, plen, sub, mask)
-        if size > 1:
-            grads = average(grads, group)
+        (loss, (diff, enc)), grads = loss_and_grad(ids, plen, sub)
         grads, _ = optim.clip_grad_norm(grads, 1.0)
         opt.update(model, grads)
         mx.eval(loss, diff, model.parameters(), opt.state)
-        kind = max(set(kinds), key=kinds.count)  # the batch's loss, filed under its most common kind
-        recent[kind] = (recent.get(kind, []) + [diff.item()])[-50:]
+        recent[task] = (recent[task] + [diff.item()])[-50:]
         if it % 100 == 0 or it == iters:
             per_task = ", ".join(f"{t} {sum(v) / len(v):.3f}" for t, v in recent.items() if v)
             rate = (it - reported) / (time.perf_counter() - tic)
             log(f"iter {it}/{iters}: diffusion loss {per_task}; encoder {enc.item():.3f}; {rate:.1f} it/s")
             tic, reported = time.perf_counter(), it
     return {"iters": iters, "seconds": round(time.perf_counter() - start, 1),
-            "final_diffusion_loss": {t: round(sum(v) / len(v), 4) for t, v in sorted(recent.items())}}
+            "final_diffusion_loss": {t: round(sum(v) / len(v), 4) if v else None for t, v in recent.items()}}
 
 
 def write_trained(model, initial: Path, out: Path) -> None:
@@ -246,45 +175,9 @@ def write_trained(model, initial: Path, out: Path) -> None:
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
 
 
-def _job(folder: str, kind: str, task: str, n: int, drafter: str) -> tuple[str, dict]:
-    model, tokenizer = load(folder)
-    if kind == "held_out":
-        return kind, evaluate(model, tokenizer, task, n, drafter) | {"drafter": drafter}
-    if kind == "tools":
-        return kind, evaluate_tools(model, tokenizer, n)
-    scorer = evaluate_turns if kind == "turn3" else evaluate_thinking
-    return kind, scorer(model, tokenizer, task, n)
-
-
-def score(folder: Path, n: int, log, workers: int = 2, conversations: int | None = None) -> dict:
-    """Held-out figures for `metrics.json`: one-turn accuracy per drafter, and (reference drafter) the 3rd
-    turn of a conversation, thinking on, and the calculator round trip; jobs run in `workers` processes."""
-    jobs = [("held_out", t, d) for d in ("reference", "fast") for t in TASKS]
-    jobs += [(k, t, "reference") for k in ("turn3", "thinking") for t in TASKS] + [("tools", "add", "reference")]
-    counts = {k: n if k == "held_out" else conversations or n for k, _, _ in jobs}
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:
-        done = pool.starmap(_job, [(str(folder), k, t, counts[k], d) for k, t, d in jobs])
-    out: dict = {"held_out": [], "conversations": {"turn3": [], "thinking": [], "tools": None}}
-    for kind, row in done:
-        log(f"{kind} {json.dumps(row)}")
-        if kind == "held_out":
-            out["held_out"].append(row)
-        elif kind == "tools":
-            out["conversations"]["tools"] = row
-        else:
-            out["conversations"][kind].append(row)
-    return out
-
-
 def main_with(args) -> int:
     blas = reexec_with_openblas()
-    rank = mx.distributed.init().rank()
-    log = (lambda line: print(line, file=sys.stderr, flush=True)) if rank == 0 else (lambda line: None)  # noqa: E731
-    if args.score_only:  # a written folder scored again (e.g. with more prompts), its metrics.json updated
-        path = args.score_only / "metrics.json"
-        scores = score(args.score_only, args.eval_prompts, log, conversations=args.conversation_prompts)
-        path.write_text(json.dumps(json.loads(path.read_text()) | scores, indent=2) + "\n")
-        return 0
+    log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
     with tempfile.TemporaryDirectory() as tmp:
         initial, staged = Path(tmp) / "initial", Path(tmp) / "toy"
         stages = []
@@ -293,21 +186,23 @@ def main_with(args) -> int:
             previous = initial / "metrics.json"
             stages = json.loads(previous.read_text())["stages"] if previous.exists() else []
             previous.unlink(missing_ok=True)
-            upgrade(initial)
         else:
             build_initial(initial, args.seed)
         model, tokenizer = load(initial)
         log(f"training {sum(v.size for _, v in tree_flatten(model.parameters())) / 1e6:.2f}M parameters; {blas}")
         stage = {"command": "python scripts/train_toy.py " + " ".join(sys.argv[1:]),
                  **train(model, tokenizer, iters=args.iters, batch_size=args.batch_size, lr=args.learning_rate,
-                         seed=args.seed, tasks=args.tasks, single=args.data == "single", log=log)}
+                         seed=args.seed, tasks=args.tasks, log=log)}
         metrics = {"blas": blas, "data": "mlx_diffusiongemma/tasks.py (fresh prompts every batch, held-out ones "
                    "skipped)", "stages": stages + [stage], "seconds": sum(s["seconds"] for s in stages + [stage])}
-        if rank:  # rank 0 holds the same weights and writes them
-            return 0
         write_trained(model, initial, staged)
-        if args.eval_prompts:  # score what was written, not what is in memory
-            metrics |= score(staged, args.eval_prompts, log, conversations=args.conversation_prompts)
+        model, tokenizer = load(staged)  # score what was written, not what is in memory
+        metrics["held_out"] = [evaluate(model, tokenizer, task, args.eval_prompts, drafter)
+                               | {"drafter": drafter} for drafter in ("reference", "fast") for task in TASKS
+                               if args.eval_prompts]
+        for row in metrics["held_out"]:
+            log(f"{row['drafter']:>9} {row['task']:>6}: accuracy {row['accuracy']:.3f}, "
+                f"mean steps {row['mean_steps']:.2f}")
         (staged / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         shutil.rmtree(args.out, ignore_errors=True)
         shutil.move(str(staged), args.out)
@@ -324,13 +219,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tasks", type=lambda v: v.split(","), default=sorted(TASKS),
                     help="comma-separated tasks to draw batches from; repeat one to weigh it more")
-    ap.add_argument("--data", choices=("dialogues", "single"), default="dialogues",
-                    help="dialogues (v2): earlier turns, thinking and tool calls; single: one-turn prompts (v1)")
     ap.add_argument("--resume-from", type=Path, help="continue from a folder this script wrote (a later stage)")
-    ap.add_argument("--score-only", type=Path, help="only score this folder (written by this script) again")
     ap.add_argument("--eval-prompts", type=int, default=500, help="held-out prompts per task (0: skip)")
-    ap.add_argument("--conversation-prompts", type=int,
-                    help="held-out prompts per conversation figure (3rd turn, thinking, tools; default: --eval-prompts)")
     args = ap.parse_args()
     if set(args.tasks) - set(TASKS):
         ap.error(f"unknown --tasks {sorted(set(args.tasks) - set(TASKS))}; choose from {sorted(TASKS)}")

@@ -109,7 +109,7 @@ def test_memory_estimate_counts_activations(monkeypatch):
 def test_prompt_beyond_the_context_is_refused(monkeypatch):
     with pytest.raises(ContextLengthError, match="context of 131072"):
         _bench_random(monkeypatch, "tiny", 64 * GiB, prompt_tokens=200_000)
-    result = _cli("--model", "toy", "--prompt-tokens", "1000", "--canvases", "2")  # the toy's context is 1024
+    result = _cli("--model", "toy", "--prompt-tokens", "250", "--canvases", "2")  # the toy's context is 256
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "1048 positions" in lines[0] and "context of 1024" in lines[0], result.stderr
+    assert len(lines) == 1 and "298 positions" in lines[0] and "context of 256" in lines[0], result.stderr
