@@ -25,7 +25,7 @@ from . import sampler
 from .backend import select
 from .batch_cache import BatchLayerCache, BatchNoise
 from .cache import LayerCache
-from .drafter import DrafterConfig, drafter_for, resolve_drafter
+from .drafter import DrafterConfig, drafter_for
 from .errors import DiffusionGemmaError, DrafterConfigError
 from .hidden import hidden_token_ids
 from .generate import (

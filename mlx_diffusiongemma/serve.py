@@ -47,7 +47,7 @@ def run_serve(model: str, *, host: str, port: int, api_key: str | None, drafter:
               log_level: str) -> None:
     """Check the flags, load the model, serve until told to stop."""
     from .console import parse_template_config, reply_length
-    from .drafter import resolve_drafter
+    from .drafter import drafter_for
     from .engine import Engine
     from .loader import load
     from .server import ServeOptions, State, create_app
@@ -68,7 +68,7 @@ def run_serve(model: str, *, host: str, port: int, api_key: str | None, drafter:
                     max_queue=max_queue, prefix_cache_bytes=prompt_cache_bytes)
     m, tokenizer = engine.start()
     try:
-        resolve_drafter(drafter, getattr(m, "generation_config", None), m.args.canvas_length)  # fail now
+        drafter_for(m, drafter)  # fail now, not at the first request
     except Exception:
         engine.close()
         raise
