@@ -12,9 +12,8 @@ from typing import Protocol
 import mlx.core as mx
 import numpy as np
 
-from .backend import position_split
+from .backend import select
 from .errors import UsageError
-from .sampler import inverse_cdf_sample
 
 
 class NoiseSource(Protocol):
@@ -44,7 +43,7 @@ class MLXNoise:
 
     def __init__(self, seed: int):
         self.key = mx.random.key(check_seed(seed))
-        self._split = position_split()  # the categorical draw's passes over V, split where that pays
+        self._draw = select().categorical  # the categorical draw's passes over V, split where that pays
 
     def _next(self) -> mx.array:
         self.key, sub = mx.random.split(self.key)
@@ -58,7 +57,7 @@ class MLXNoise:
         return mx.random.uniform(shape=shape, key=self._next())
 
     def categorical(self, probs: mx.array) -> mx.array:
-        return self._split(inverse_cdf_sample, probs, self.uniforms(probs.shape[:-1]))
+        return self._draw(probs, self.uniforms(probs.shape[:-1]))
 
     def skip_categorical(self, shape: tuple[int, ...]) -> None:
         self._next()
