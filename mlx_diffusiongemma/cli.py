@@ -139,7 +139,7 @@ def generate(
     run_generate(
         model, prompt, system_prompt=system_prompt, max_tokens=max_tokens, seed=seed, drafter=drafter,
         ignore_chat_template=ignore_chat_template, chat_template_config=chat_template_config, dtype=dtype,
-        adapter_path=adapter_path, live=live, verbose=verbose,
+        adapter_path=adapter_path, live=live, verbose=verbose, debug=_DEBUG,
     )
 
 
