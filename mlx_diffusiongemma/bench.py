@@ -378,6 +378,37 @@ def bench(
 
         fields = load_drafter_config(drafter)
         check_batch_drafter(fields["name"], fields["verify"])
+    from .cluster import join, together
+
+    group = join()  # under mlx.launch: each rank times its part of the model; rank 0 reports
+
+    def build():
+        if group is not None and (batch > 1 or adapter_path is not None):
+            raise UsageError("--batch and --adapter-path are not supported across processes; drop them under "
+                             "mlx.launch")
+        return _build(model_path, random, dtype, q_bits, prompt_tokens, canvases, adapter_path, group)
+
+    model, label = build() if group is None else together(group, build)
+    overrides = {"max_denoising_steps": steps, "adaptive_stop": False} if steps else None
+    config = drafter_for(model, drafter, overrides)
+    if batch > 1:
+        return _bench_batch(model, config, label, prompt_tokens, canvases, batch, repeat, as_json)
+    run_once(model, config, prompt_tokens, 1, seed=0)  # warm-up: compilation and allocation
+    results = [run_once(model, config, prompt_tokens, canvases, seed=i) for i in range(repeat)]
+    if group is not None and group.rank() > 0:
+        return ""  # rank 0 reports
+    summary = summarize(results)
+    label += f", {prompt_tokens}-token prompt, {canvases} canvases x {summary['steps_per_canvas']['median']:g} " \
+             f"steps, drafter {config.name}, {mx.default_device()}"
+    if as_json:
+        return json.dumps({"label": label, "prompt_tokens": prompt_tokens, "canvases_per_run": canvases,
+                           **summary}, indent=2)
+    return format_report(summary, label)
+
+
+def _build(model_path, random, dtype, q_bits, prompt_tokens, canvases, adapter_path, group) -> tuple[Model, str]:
+    """The model to time and its label: random weights of a preset, or a checkpoint (with adapters); with a
+    `group`, this rank's part (a checkpoint's slices read alone; random weights built whole, then split)."""
     if random is not None:
         args, dtype = preset_args(random), dtype or "bfloat16"
         if dtype not in DTYPES:
@@ -387,7 +418,19 @@ def bench(
         weights = estimated_bytes(args, DTYPES[dtype], q_bits)
         _check_run_memory(args, DTYPES[dtype], weights, prompt_tokens, canvases, f"--{label}",
                           "use a smaller preset" if q_bits else "use --q-bits 4 or a smaller preset")
+        if group is not None:
+            mx.random.seed(0)  # every rank builds the same weights before keeping its part
         model = random_model(random, dtype, q_bits)
+        if group is not None:
+            from .distributed import shard
+
+            shard(model, group)
+    elif group is not None:
+        from .cluster import load_model_part
+        from .loader import resolve_path
+
+        model, label = load_model_part(resolve_path(model_path), group, dtype), model_path
+        check_bench_context(model.args, prompt_tokens, canvases)
     else:
         from .loader import load_model, resolve_path
 
@@ -402,19 +445,9 @@ def bench(
         _check_run_memory(model.args, model.dtype, weights, prompt_tokens, canvases, model_path,
                           "use a quantized conversion (`convert -q`)")
         _evaluate(model, f"loading {model_path}")
-    overrides = {"max_denoising_steps": steps, "adaptive_stop": False} if steps else None
-    config = drafter_for(model, drafter, overrides)
-    if batch > 1:
-        return _bench_batch(model, config, label, prompt_tokens, canvases, batch, repeat, as_json)
-    run_once(model, config, prompt_tokens, 1, seed=0)  # warm-up: compilation and allocation
-    results = [run_once(model, config, prompt_tokens, canvases, seed=i) for i in range(repeat)]
-    summary = summarize(results)
-    label += f", {prompt_tokens}-token prompt, {canvases} canvases x {summary['steps_per_canvas']['median']:g} " \
-             f"steps, drafter {config.name}, {mx.default_device()}"
-    if as_json:
-        return json.dumps({"label": label, "prompt_tokens": prompt_tokens, "canvases_per_run": canvases,
-                           **summary}, indent=2)
-    return format_report(summary, label)
+    if group is not None:
+        label += f", split across {group.size()} processes (rank 0's figures)"
+    return model, label
 
 
 def _bench_batch(model, config, label, prompt_tokens, canvases, batch, repeat, as_json) -> str:
