@@ -134,12 +134,21 @@ def _mlp(prefix: str, mlp: MLP | SelfConditioning, group: Group) -> dict[str, Cu
 
 
 class ShardedExperts(Experts):
-    """This rank's range of experts: choices of the others weigh zero; the ranks' mixtures are summed."""
+    """This rank's range of experts. Only the (token, choice) pairs routed to them are computed (their count is
+    read back: one sync per layer, which on a canvas saves the other ranks' share of the expert matmuls); the
+    other choices weigh zero, and the ranks' mixtures are summed."""
 
     def __call__(self, x: mx.array, idx: mx.array, weights: mx.array) -> mx.array:
-        local = idx - self.first
+        N, k = idx.shape
+        local = (idx - self.first).flatten()
         mine = (local >= 0) & (local < self.count)
-        y = super().__call__(x, mx.where(mine, local, 0), mx.where(mine, weights, 0.0))
+        n = mine.sum().item()
+        y = mx.zeros((N * k, x.shape[-1]), dtype=mx.float32)
+        if n:
+            pairs = mx.argsort((~mine).astype(mx.int32))[:n]  # the local pairs first
+            # Each pair as a token with one choice of weight 1: its expert's output, widened, as `Experts` has it.
+            y[pairs] = super().__call__(x[pairs // k], local[pairs][:, None], mx.ones((n, 1), dtype=mx.float32))
+        y = (y.reshape(N, k, -1) * mx.where(mine.reshape(N, k), weights, 0.0)[..., None]).sum(axis=1)
         return mx.distributed.all_sum(y, group=self.group)
 
 
