@@ -218,6 +218,8 @@ def restructure(model: Model, group: Group) -> tuple[dict[str, Cut], VocabSplit]
         cuts.update(_experts(f"{prefix}.experts", layer.experts, group))
     cuts.update(_mlp("model.decoder.self_conditioning", dec.self_conditioning, group))
     rows = tuple(spans(model.args.vocab_size, group.size()))
+    if any(a == b for a, b in rows):
+        raise ValueError(f"a vocabulary of {model.args.vocab_size} cannot split over {group.size()} processes")
     first, stop = rows[group.rank()]
     split = VocabSplit(group, first, stop - first, model.args.vocab_size, rows)
     emb = dec.embed_tokens

@@ -9,12 +9,14 @@ Each rank loads only its part of each checkpoint (`cluster.load_model_part`); ra
 from __future__ import annotations
 
 import sys
+from functools import partial
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
+from mlx_diffusiongemma import distributed
 from mlx_diffusiongemma.distributed import ShardedModel, gather_vocab
 from mlx_diffusiongemma.drafter import drafter_for
 from mlx_diffusiongemma.generate import denoise
@@ -49,12 +51,41 @@ def figures(model, name: str) -> dict[str, np.ndarray]:
     return {k: np.array(v) for k, v in out.items()}
 
 
+def sampler_case(V: int = 11) -> tuple[mx.array, mx.array]:
+    """Logits [1, 4, V] whose rows tie across the ranks' slices (ids 2 and V - 2), peak in the last slice, and
+    tie inside one slice; and uniforms for a draw from each row."""
+    rows = np.linspace(-3.0, 2.0, 4 * V, dtype=np.float32).reshape(4, V)
+    rows[0, [2, V - 2]] = 9.0
+    rows[1, V - 1] = 9.0
+    rows[2, [V - 3, V - 2]] = 9.0
+    return mx.array(rows[None]), mx.array([[0.3, 0.999, 0.6, 0.05]], dtype=mx.float32)
+
+
+def sampler_figures(stats, best, draw, split=None) -> dict[str, np.ndarray]:
+    """The vocabulary passes over `sampler_case` by the given functions: a process's own, or those reduced
+    across the ranks of `split`, each given its slice of the vocabulary (joined again for the comparison)."""
+    logits, u = sampler_case()
+    whole = (lambda x: x) if split is None else (lambda x: gather_vocab(x, split))
+    logits = logits if split is None else logits[..., split.first : split.first + split.count]
+    ent, total, argmax, probs, sc = stats(logits, 0.7, mx.bfloat16)
+    out = {"sampler/entropy": ent, "sampler/total": total, "sampler/argmax": argmax,
+           "sampler/argmax_only": best(logits, 0.7), "sampler/draw": draw(probs, u), "sampler/probs": whole(probs),
+           "sampler/sc": whole(sc)}
+    mx.eval(out)
+    return {k: np.array(v) for k, v in out.items()}
+
+
 def main(out: str, paths: list[str]) -> None:
     from mlx_diffusiongemma.cluster import join, load_model_part
 
     group = join()
     assert group is not None and group.size() == 2, "run with MLX_HOSTFILE and MLX_RANK set"
-    results: dict[str, np.ndarray] = {}
+    V = sampler_case()[0].shape[-1]
+    parts = tuple(distributed.spans(V, group.size()))
+    first, stop = parts[group.rank()]
+    split = distributed.VocabSplit(group, first, stop - first, V, parts)
+    fns = (partial(f, split) for f in (distributed.vocab_stats, distributed.argmax, distributed.categorical))
+    results = sampler_figures(*fns, split=split)
     for path in paths:
         model = load_model_part(Path(path), group)
         results.update(figures(model, Path(path).name))

@@ -16,7 +16,7 @@ import pytest
 
 from checkpoints import build_checkpoint
 from figures import record
-from distributed_worker import PRESETS, figures
+from distributed_worker import PRESETS, figures, sampler_case, sampler_figures
 from mlx_diffusiongemma.checkpoint import TOY_PATH
 from mlx_diffusiongemma.loader import load_model, save_checkpoint, read_json
 
@@ -88,6 +88,19 @@ def two_ranks(checkpoints, tmp_path_factory) -> dict[str, np.ndarray]:
 
 def _rel_rms(got: np.ndarray, want: np.ndarray) -> float:
     return float(np.sqrt(((got - want) ** 2).mean() / (want**2).mean()))
+
+
+def test_the_vocabulary_passes_reduced_across_ranks_equal_one_process(two_ranks):
+    from mlx_diffusiongemma import sampler
+
+    one = sampler_figures(sampler.vocab_stats, sampler.scaled_argmax, sampler.inverse_cdf_sample)
+    V = sampler_case()[0].shape[-1]
+    # Ties go to the lowest id, across slices (row 0: ids 2 and V - 2) as within one (row 2), as mx.argmax.
+    assert two_ranks["sampler/argmax"].tolist() == one["sampler/argmax"].tolist() == [[2, V - 1, V - 3, V - 1]]
+    assert two_ranks["sampler/argmax_only"].tolist() == one["sampler/argmax_only"].tolist()
+    assert two_ranks["sampler/draw"].tolist() == one["sampler/draw"].tolist()
+    for name in ("entropy", "total", "probs", "sc"):
+        np.testing.assert_allclose(two_ranks[f"sampler/{name}"], one[f"sampler/{name}"], rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("which", range(4), ids=["odd vocab fp32", "8-bit", "bf16", "toy"])
