@@ -5,7 +5,8 @@ vocabulary-parallel, each rank holding about 1/N of the sharded weights.
   split, e.g. a single global one, are kept by every rank); `o_proj` sums the ranks' parts (`all_sum`).
 - Dense MLPs (the layer's and self-conditioning's): `gate`/`up` split by rows, `down` by columns, then `all_sum`.
 - Experts: each rank keeps a contiguous range of experts; the router stays whole, so every rank routes alike,
-  weighs the choices of experts it does not hold by zero, and the ranks' partial mixtures are summed.
+  computes only the choices routed to its own experts (the others weigh zero), and the ranks' partial
+  mixtures (float32) are summed.
 - Embedding = LM head: split by vocabulary rows. A lookup is masked to the local rows and summed; the LM head
   returns this rank's slice of the logits, and the sampler's passes over the vocabulary reduce across ranks
   (`vocab_stats`, `argmax`, `categorical`) instead of gathering logits. The causal encoder's logits (read only
