@@ -13,6 +13,7 @@ import mlx.core as mx
 import numpy as np
 
 from .backend import select
+from .distributed import active, gather_vocab
 from .errors import UsageError
 
 
@@ -85,6 +86,9 @@ class NumpyNoise:
         return mx.array(self.rng.integers(0, high, size=shape), dtype=mx.int32)
 
     def categorical(self, probs: mx.array) -> mx.array:
+        split = active()
+        if split is not None:  # this rank holds a slice of the vocabulary: the host's draw needs all of it
+            probs = gather_vocab(probs, split)
         host = np.array(probs)
         flat = host.reshape(-1, host.shape[-1])
         idx = inverse_cdf(flat, self.rng.random(flat.shape[0]))

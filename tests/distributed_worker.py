@@ -20,7 +20,7 @@ from mlx_diffusiongemma import distributed
 from mlx_diffusiongemma.distributed import ShardedModel, gather_vocab
 from mlx_diffusiongemma.drafter import drafter_for
 from mlx_diffusiongemma.generate import denoise
-from mlx_diffusiongemma.noise import MLXNoise
+from mlx_diffusiongemma.noise import MLXNoise, NumpyNoise
 
 PRESETS = ("reference", "fast", "speculative")
 STEPS = 5
@@ -46,6 +46,10 @@ def figures(model, name: str) -> dict[str, np.ndarray]:
         drafter = drafter_for(model, preset, {"max_denoising_steps": STEPS})
         events = denoise(model, prompt[:1], drafter, MLXNoise(5), 2, [1], 0)
         out[f"{name}/{preset}"] = mx.array([t for e in events if e.kind == "commit" for t in e.tokens[0].tolist()])
+    # The parity tests' host noise source (float64 draws on the whole vocabulary) gives the same text too.
+    drafter = drafter_for(model, "reference", {"max_denoising_steps": STEPS})
+    events = denoise(model, prompt[:1], drafter, NumpyNoise(5), 2, [1], 0)
+    out[f"{name}/numpy_noise"] = mx.array([t for e in events if e.kind == "commit" for t in e.tokens[0].tolist()])
     mx.eval(out)  # every rank evaluates the same collectives
     out[f"{name}/bytes"] = mx.array(sum(v.nbytes for _, v in tree_flatten(model.parameters())))
     return {k: np.array(v) for k, v in out.items()}
