@@ -9,6 +9,9 @@ On the CPU backend (the tests' and benchmarks' backend on Linux):
   host (`host.py`: MLX's x86 kernels evaluate `exp` and `tanh` an element at a time);
 - per-position vocabulary work (the categorical draw) is split over one CPU stream per core (`parallel.py`).
 Everywhere else every one of these is the plain MLX op.
+
+When this process is one rank of a model sharded over several (`distributed.shard`), the vocabulary passes
+and the categorical draw reduce across the ranks' slices of the vocabulary instead (`distributed.py`).
 """
 
 from __future__ import annotations
@@ -16,12 +19,13 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.switch_layers import SwitchLinear
 
-from . import sampler
+from . import distributed, sampler
 from .model import softcap as mlx_softcap
 
 
@@ -38,6 +42,7 @@ class Backend:
     vocab_stats: Callable[..., tuple[mx.array, ...]]  # `sampler.vocab_stats`'s contract; may consume its input
     argmax: Callable[[mx.array, float], mx.array]  # `sampler.scaled_argmax`'s contract
     per_position: Callable[..., object]  # `per_position(fn, *arrays)`: fn over positions, maybe split
+    categorical: Callable[[mx.array, mx.array], mx.array]  # `sampler.inverse_cdf_sample`'s contract
 
 
 Device = mx.Device | mx.DeviceType  # a device, or its kind (`mx.cpu`, `mx.gpu`)
@@ -57,19 +62,35 @@ def position_split(device: Device | None = None) -> Callable[..., object]:
     return per_position
 
 
+def _host_sampler() -> bool:
+    return os.environ.get("MLX_DIFFUSIONGEMMA_HOST_SAMPLER", "1") != "0"
+
+
+def _draw(per_position: Callable[..., object]) -> Callable[[mx.array, mx.array], mx.array]:
+    return lambda probs, u: per_position(sampler.inverse_cdf_sample, probs, u)
+
+
 def select(device: Device | None = None) -> Backend:
     """The backend for `device` (default: MLX's default device). `MLX_DIFFUSIONGEMMA_HOST_SAMPLER=0` keeps the
-    vocabulary passes in MLX on the CPU too (the per-position split stays)."""
+    vocabulary passes in MLX on the CPU too (the per-position split stays). A process whose model is sharded
+    (`distributed.active()`) gets the passes reduced across ranks."""
+    split = distributed.active()
+    if split is not None:
+        from .host import softcap as host_softcap
+
+        cap = host_softcap if _on_cpu(device) and _host_sampler() else mlx_softcap  # elementwise: local
+        return Backend("distributed", cap, partial(distributed.vocab_stats, split), partial(distributed.argmax, split),
+                       _whole, partial(distributed.categorical, split))
     if not _on_cpu(device):
-        return Backend("mlx", mlx_softcap, sampler.vocab_stats, sampler.scaled_argmax, _whole)
+        return Backend("mlx", mlx_softcap, sampler.vocab_stats, sampler.scaled_argmax, _whole, _draw(_whole))
     per_position = position_split(device)
-    if os.environ.get("MLX_DIFFUSIONGEMMA_HOST_SAMPLER", "1") == "0":
+    if not _host_sampler():
         stats = lambda x, temp, sc_dtype: per_position(lambda r: sampler.vocab_stats(r, temp, sc_dtype), x)  # noqa: E731
         best = lambda x, temp: per_position(lambda r: sampler.scaled_argmax(r, temp), x)  # noqa: E731
-        return Backend("cpu", mlx_softcap, stats, best, per_position)
+        return Backend("cpu", mlx_softcap, stats, best, per_position, _draw(per_position))
     from . import host
 
-    return Backend("cpu-host", host.softcap, host.vocab_stats, host.argmax, per_position)
+    return Backend("cpu-host", host.softcap, host.vocab_stats, host.argmax, per_position, _draw(per_position))
 
 
 class Float32SwitchLinear(SwitchLinear):

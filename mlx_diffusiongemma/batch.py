@@ -25,12 +25,12 @@ from . import sampler
 from .backend import select
 from .batch_cache import BatchLayerCache, BatchNoise
 from .cache import LayerCache
-from .drafter import DrafterConfig, drafter_for, resolve_drafter
+from .drafter import DrafterConfig, drafter_for
 from .errors import DiffusionGemmaError, DrafterConfigError
 from .hidden import hidden_token_ids
 from .generate import (
-    PREFILL_STEP, DenoiseEvent, GenerationResponse, Progress, _new_tokens, _pad_id, _snapshot, denoise_canvas,
-    prefill, prompt_to_ids,
+    PREFILL_STEP, DenoiseEvent, GenerationResponse, Progress, _new_tokens, _pad_id, _snapshot, check_max_tokens,
+    denoise_canvas, prefill, prompt_to_ids,
 )
 from .generate import eos_ids as model_eos_ids  # (BatchDenoiser takes an `eos_ids` list)
 from .model import SLIDING, Model, ModelArgs
@@ -120,8 +120,7 @@ class BatchDenoiser:
         `start`: a cache that already holds `ids[:cached]` (exactly what prefilling them would write); only
         the rest is prefilled. `drafts`: the step yields this request's argmax canvas after every pass.
         """
-        if max_tokens < 1:
-            raise ValueError("max_tokens must be at least 1")
+        check_max_tokens(max_tokens)
         kv, act = request_bytes(self.model.args, self.model.dtype, len(ids), max_tokens)
         if self.memory_budget is not None and kv + act > self.memory_budget:
             raise MemoryBudgetError(

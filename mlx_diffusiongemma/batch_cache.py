@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from .backend import position_split
+from .backend import select
 from .cache import _STEP, LayerCache
 from .noise import MLXNoise, NoiseSource
-from .sampler import inverse_cdf_sample
 
 
 def _capacity(n: int) -> int:
@@ -121,7 +120,7 @@ class BatchNoise:
         self.sources = sources
         self.active = [True] * len(sources)
         self.stopped_at: list[int | None] = [None] * len(sources)
-        self._split = position_split()
+        self._draw = select().categorical
 
     def _rows(self, draw, shape: tuple[int, ...], dtype) -> mx.array:
         row = (1, *shape[1:])
@@ -135,7 +134,7 @@ class BatchNoise:
         if all(isinstance(s, MLXNoise) for s in self.sources):
             # One pass over the batch's vocabulary; each row's uniforms come from its own stream.
             u = self._rows(lambda s, row: s.uniforms(row), probs.shape[:-1], mx.float32)
-            return self._split(inverse_cdf_sample, probs, u)
+            return self._draw(probs, u)
         draws = [s.categorical(probs[r : r + 1]) if a else mx.zeros((1, probs.shape[1]), mx.int32)
                  for r, (s, a) in enumerate(zip(self.sources, self.active))]
         return mx.concatenate(draws, axis=0)

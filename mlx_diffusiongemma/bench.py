@@ -209,7 +209,7 @@ def run_once(model: Model, drafter, prompt_tokens: int, canvases: int, seed: int
     times: dict[str, list[float]] = {"encode": [], "draft": [], "commit": []}
     committed = 0
     mx.reset_peak_memory()
-    tic = last = canvas_start = time.perf_counter()
+    last = canvas_start = time.perf_counter()
     for event in denoise(model, ids, drafter, MLXNoise(seed), canvases, eos_ids=[], pad_id=None):
         now = time.perf_counter()
         times[event.kind].append(now - (canvas_start if event.kind == "commit" else last))
@@ -348,17 +348,9 @@ def _check_run_memory(args: ModelArgs, dtype, weights: int, prompt_tokens: int, 
                  "activations", f"{hint}, or fewer --prompt-tokens or --canvases")
 
 
-def bench(
-    model_path: str | None, random: str | None, dtype: str | None, q_bits: int | None, prompt_tokens: int,
-    canvases: int, steps: int | None, drafter: str, repeat: int, as_json: bool, adapter_path: str | None = None,
-    batch: int = 1,
-) -> str:
-    """Build or load the model (with LoRA adapters from `adapter_path`), warm up once, time `repeat` runs;
-    return the report (text or JSON). `batch` > 1 times that many prompts denoised together instead."""
-    import json
-
-    from .drafter import drafter_for
-
+def _check_bench_args(model_path, random, q_bits, prompt_tokens, canvases, steps, drafter, repeat, adapter_path,
+                      batch) -> None:
+    """Refuse bad flags in one line, before any weights are built or read."""
     if (model_path is None) == (random is None):
         raise DiffusionGemmaError("pass exactly one of --model PATH and --random PRESET")
     for flag, value in (("--canvases", canvases), ("--repeat", repeat), ("--prompt-tokens", prompt_tokens)):
@@ -372,12 +364,19 @@ def bench(
         from .quantization import check_quantization
 
         check_quantization(q_bits, 64)  # the group size `_recipe` builds with
-    if batch > 1:  # before any weights are built or read
+    if batch > 1:
         from .batch import check_batch_drafter
         from .drafter import load_drafter_config
 
         fields = load_drafter_config(drafter)
         check_batch_drafter(fields["name"], fields["verify"])
+
+
+def _bench_model(model_path, random, dtype, q_bits, prompt_tokens, canvases, adapter_path,
+                 group=None) -> tuple[Model, str]:
+    """The random preset built, or the checkpoint loaded (with its adapters), once its memory is known to fit;
+    and its label for the report. With a `group` (under mlx.launch), this rank's part: a checkpoint's slices
+    read alone, or random weights built whole (the same on every rank) and then split."""
     if random is not None:
         args, dtype = preset_args(random), dtype or "bfloat16"
         if dtype not in DTYPES:
@@ -387,27 +386,70 @@ def bench(
         weights = estimated_bytes(args, DTYPES[dtype], q_bits)
         _check_run_memory(args, DTYPES[dtype], weights, prompt_tokens, canvases, f"--{label}",
                           "use a smaller preset" if q_bits else "use --q-bits 4 or a smaller preset")
-        model = random_model(random, dtype, q_bits)
-    else:
-        from .loader import load_model, resolve_path
+        if group is None:
+            return random_model(random, dtype, q_bits), label
+        from .distributed import shard
 
-        model, label = load_model(resolve_path(model_path), dtype=dtype, lazy=True), model_path
+        mx.random.seed(0)  # every rank builds the same weights before keeping its part
+        return shard(random_model(random, dtype, q_bits), group), f"{label}{_split_label(group)}"
+    from .loader import load_model, resolve_path
+
+    if group is not None:
+        from .cluster import load_model_part
+
+        model = load_model_part(resolve_path(model_path), group, dtype)
         check_bench_context(model.args, prompt_tokens, canvases)
-        if adapter_path is not None:
-            from .lora import load_adapters
+        return model, f"{model_path}{_split_label(group)}"
+    model, label = load_model(resolve_path(model_path), dtype=dtype, lazy=True), model_path
+    check_bench_context(model.args, prompt_tokens, canvases)
+    if adapter_path is not None:
+        from .lora import load_adapters
 
-            config = load_adapters(model, adapter_path)
-            label += f" + LoRA rank {config['rank']} from {adapter_path}"
-        weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))  # lazy: nothing read yet
-        _check_run_memory(model.args, model.dtype, weights, prompt_tokens, canvases, model_path,
-                          "use a quantized conversion (`convert -q`)")
-        _evaluate(model, f"loading {model_path}")
+        config = load_adapters(model, adapter_path)
+        label += f" + LoRA rank {config['rank']} from {adapter_path}"
+    weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))  # lazy: nothing read yet
+    _check_run_memory(model.args, model.dtype, weights, prompt_tokens, canvases, model_path,
+                      "use a quantized conversion (`convert -q`)")
+    _evaluate(model, f"loading {model_path}")
+    return model, label
+
+
+def _split_label(group) -> str:
+    return f", split across {group.size()} processes (rank 0's figures)"
+
+
+def bench(
+    model_path: str | None, random: str | None, dtype: str | None, q_bits: int | None, prompt_tokens: int,
+    canvases: int, steps: int | None, drafter: str, repeat: int, as_json: bool, adapter_path: str | None = None,
+    batch: int = 1,
+) -> str:
+    """Build or load the model (with LoRA adapters from `adapter_path`), warm up once, time `repeat` runs;
+    return the report (text or JSON). `batch` > 1 times that many prompts denoised together instead. Under
+    `mlx.launch` each rank times its part of the model and only rank 0 returns a report ("" elsewhere)."""
+    import json
+
+    from .cluster import join, together
+    from .drafter import drafter_for
+
+    _check_bench_args(model_path, random, q_bits, prompt_tokens, canvases, steps, drafter, repeat, adapter_path,
+                      batch)
+    group = join()
+
+    def build():
+        if group is not None and (batch > 1 or adapter_path is not None):
+            raise UsageError("--batch and --adapter-path are not supported across processes; drop them under "
+                             "mlx.launch")
+        return _bench_model(model_path, random, dtype, q_bits, prompt_tokens, canvases, adapter_path, group)
+
+    model, label = build() if group is None else together(group, build)
     overrides = {"max_denoising_steps": steps, "adaptive_stop": False} if steps else None
     config = drafter_for(model, drafter, overrides)
     if batch > 1:
         return _bench_batch(model, config, label, prompt_tokens, canvases, batch, repeat, as_json)
     run_once(model, config, prompt_tokens, 1, seed=0)  # warm-up: compilation and allocation
     results = [run_once(model, config, prompt_tokens, canvases, seed=i) for i in range(repeat)]
+    if group is not None and group.rank() > 0:
+        return ""  # rank 0 reports
     summary = summarize(results)
     label += f", {prompt_tokens}-token prompt, {canvases} canvases x {summary['steps_per_canvas']['median']:g} " \
              f"steps, drafter {config.name}, {mx.default_device()}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import mlx.core as mx
@@ -160,6 +161,14 @@ class PromptCache:
         if self.layers is None or n == 0 or n >= len(ids) or ids[:n] != self.tokens:
             return 0
         return n
+
+    def take(self, ids: list[int], fresh: Callable[[], list[LayerCache]]) -> tuple[list[LayerCache], int]:
+        """The layers a generation of `ids` continues (these, or `fresh()` ones when they cannot be extended)
+        and how many ids they already hold; the cache reads as incomplete until the generation puts them back."""
+        reused = self.reusable_prefix(ids)
+        layers = self.layers if reused else fresh()
+        self.layers = None
+        return layers, reused
 
     def reset(self) -> None:
         self.layers, self.tokens = None, []

@@ -139,7 +139,7 @@ def generate(
     run_generate(
         model, prompt, system_prompt=system_prompt, max_tokens=max_tokens, seed=seed, drafter=drafter,
         ignore_chat_template=ignore_chat_template, chat_template_config=chat_template_config, dtype=dtype,
-        adapter_path=adapter_path, live=live, verbose=verbose,
+        adapter_path=adapter_path, live=live, verbose=verbose, debug=_DEBUG,
     )
 
 
@@ -251,12 +251,15 @@ def bench(
     `--random full --q-bits 4` is the released 26B geometry at the community 4-bit mix: about 15 GB of
     weights and 17 GiB at its peak, so a Mac with 32 GB or more. A run whose estimated memory (weights, KV
     cache, logits, activations) does not fit, or whose prompt and canvases exceed the model's context, is
-    refused before anything is built.
+    refused before anything is built. Under `mlx.launch` the model is split across the processes (README:
+    Several Macs) and rank 0 reports its figures.
     """
     from .bench import bench as run_bench
 
-    typer.echo(run_bench(model, random, dtype, q_bits, prompt_tokens, canvases, steps or None, drafter,
-                         repeat, as_json, adapter_path=adapter_path, batch=batch))
+    report = run_bench(model, random, dtype, q_bits, prompt_tokens, canvases, steps or None, drafter, repeat,
+                       as_json, adapter_path=adapter_path, batch=batch)
+    if report:  # under mlx.launch only rank 0 reports
+        typer.echo(report)
 
 
 @app.command()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from typing import Any
 
@@ -144,15 +145,47 @@ def print_stats(r, chat_turn: int | None = None, stream=None) -> None:
 def run_generate(
     model: str, prompt: str, *, system_prompt: str | None, max_tokens: int | None, seed: int | None, drafter: str,
     ignore_chat_template: bool, chat_template_config: str | None, dtype: str | None, live: bool, verbose: bool,
-    adapter_path: str | None = None,
+    adapter_path: str | None = None, debug: bool = False,
 ) -> None:
-    """The `generate` command: checks every option before loading, then streams one reply to stdout."""
+    """The `generate` command: checks every option before loading, then streams one reply to stdout.
+
+    Under `mlx.launch` (a group of processes) each rank loads its part of the model; any rank's failure while
+    checking or loading ends every rank, with one line from rank 0; only rank 0 prints."""
+    from .cluster import join, shared_seed, together
+
+    group = join()
+
+    def prepare():
+        return _prepare_generate(model, prompt, system_prompt, max_tokens, drafter, ignore_chat_template,
+                                 chat_template_config, dtype, adapter_path, group)
+
+    m, tokenizer, ids, config, max_tokens = prepare() if group is None else together(group, prepare, debug)
+    lead = group is None or group.rank() == 0
+    if group is not None:
+        seed = shared_seed(group, seed)
+    out = make_output(m, tokenizer, live, None if lead else open(os.devnull, "w"))
+    last, _ = stream_reply(m, tokenizer, ids, out, max_tokens=max_tokens, drafter=config, seed=seed)
+    out.newline()
+    if verbose and last is not None and lead:
+        print_stats(last)
+        if group is not None:
+            sys.stderr.write(f"Processes: {group.size()} (the model split across them; figures are rank 0's)\n")
+
+
+def _prepare_generate(model, prompt, system_prompt, max_tokens, drafter, ignore_chat_template, chat_template_config,
+                      dtype, adapter_path, group):
+    """Everything `generate` checks and loads before the first pass: (model, tokenizer, ids, drafter, length)."""
     template_kwargs = parse_template_config(chat_template_config)
     if ignore_chat_template and system_prompt:
         raise UsageError("--system-prompt needs the chat template (drop --ignore-chat-template)")
     if ignore_chat_template and template_kwargs:
         raise UsageError("--chat-template-config needs the chat template (drop --ignore-chat-template)")
     check_max_tokens(max_tokens)
+    if group is not None and prompt == "-":
+        raise UsageError("under mlx.launch standard input never ends; pass the prompt itself with --prompt")
+    if group is not None and adapter_path is not None:
+        raise UsageError("--adapter-path is not supported across processes; merge the adapters first "
+                         "(mlx-diffusiongemma fuse) and pass the merged checkpoint")
     if prompt == "-":
         lenient_stdin()
     text = check_text(sys.stdin.read() if prompt == "-" else prompt, "the prompt")
@@ -161,9 +194,15 @@ def run_generate(
 
     from .drafter import drafter_for
     from .generate import prompt_to_ids
-    from .loader import load
 
-    m, tokenizer = load(model, dtype=dtype, adapter_path=adapter_path)
+    if group is None:
+        from .loader import load
+
+        m, tokenizer = load(model, dtype=dtype, adapter_path=adapter_path)
+    else:
+        from .cluster import load_sharded
+
+        m, tokenizer = load_sharded(model, group, dtype=dtype)
     config = drafter_for(m, drafter)
     max_tokens = reply_length(m, max_tokens)
     if ignore_chat_template:
@@ -174,11 +213,7 @@ def run_generate(
         ]
     ids = prompt_to_ids(tokenizer, request, not ignore_chat_template, template_kwargs)
     check_context(m, len(ids), max_tokens, config.canvas_length)
-    out = make_output(m, tokenizer, live)
-    last, _ = stream_reply(m, tokenizer, ids, out, max_tokens=max_tokens, drafter=config, seed=seed)
-    out.newline()
-    if verbose and last is not None:
-        print_stats(last)
+    return m, tokenizer, ids, config, max_tokens
 
 
 def lenient_stdin() -> None:

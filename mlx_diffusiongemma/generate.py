@@ -272,6 +272,11 @@ def _pad_id(model: Model) -> int:
     return model.args.pad_token_id if pad is None else pad
 
 
+def check_max_tokens(max_tokens: int) -> None:
+    if max_tokens < 1:
+        raise ValueError("max_tokens must be at least 1")
+
+
 def stream_generate(
     model: Model,
     tokenizer,
@@ -310,15 +315,12 @@ def stream_generate(
     seed = secrets.randbits(31) if seed is None else check_seed(seed)
     noise = MLXNoise(seed) if noise is None else noise
     ids = prompt_to_ids(tokenizer, prompt, chat_template, chat_template_kwargs)
-    if max_tokens < 1:
-        raise ValueError("max_tokens must be at least 1")
+    check_max_tokens(max_tokens)
     detok = tokenizer.detokenizer
     detok.reset()
     eos = eos_ids(model, tokenizer)
     prompt_cache = PromptCache() if prompt_cache is None else prompt_cache
-    reused = prompt_cache.reusable_prefix(ids)
-    layers = prompt_cache.layers if reused else model.make_cache()
-    prompt_cache.layers = None  # incomplete until this generation finishes cleanly
+    layers, reused = prompt_cache.take(ids, model.make_cache)
     stats = GenerationResponse(prompt_tokens=len(ids), prompt_cached=reused, drafter=drafter.name, seed=seed)
     mx.reset_peak_memory()
     tic = time.perf_counter()

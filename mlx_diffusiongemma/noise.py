@@ -12,9 +12,9 @@ from typing import Protocol
 import mlx.core as mx
 import numpy as np
 
-from .backend import position_split
+from .backend import select
+from .distributed import active, gather_vocab
 from .errors import UsageError
-from .sampler import inverse_cdf_sample
 
 
 class NoiseSource(Protocol):
@@ -44,7 +44,7 @@ class MLXNoise:
 
     def __init__(self, seed: int):
         self.key = mx.random.key(check_seed(seed))
-        self._split = position_split()  # the categorical draw's passes over V, split where that pays
+        self._draw = select().categorical  # the categorical draw's passes over V, split where that pays
 
     def _next(self) -> mx.array:
         self.key, sub = mx.random.split(self.key)
@@ -58,7 +58,7 @@ class MLXNoise:
         return mx.random.uniform(shape=shape, key=self._next())
 
     def categorical(self, probs: mx.array) -> mx.array:
-        return self._split(inverse_cdf_sample, probs, self.uniforms(probs.shape[:-1]))
+        return self._draw(probs, self.uniforms(probs.shape[:-1]))
 
     def skip_categorical(self, shape: tuple[int, ...]) -> None:
         self._next()
@@ -86,6 +86,9 @@ class NumpyNoise:
         return mx.array(self.rng.integers(0, high, size=shape), dtype=mx.int32)
 
     def categorical(self, probs: mx.array) -> mx.array:
+        split = active()
+        if split is not None:  # this rank holds a slice of the vocabulary: the host's draw needs all of it
+            probs = gather_vocab(probs, split)
         host = np.array(probs)
         flat = host.reshape(-1, host.shape[-1])
         idx = inverse_cdf(flat, self.rng.random(flat.shape[0]))

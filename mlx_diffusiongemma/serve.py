@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import os
 import signal
 import sys
 
@@ -46,7 +47,7 @@ def run_serve(model: str, *, host: str, port: int, api_key: str | None, drafter:
               log_level: str) -> None:
     """Check the flags, load the model, serve until told to stop."""
     from .console import parse_template_config, reply_length
-    from .drafter import resolve_drafter
+    from .drafter import drafter_for
     from .engine import Engine
     from .loader import load
     from .server import ServeOptions, State, create_app
@@ -67,7 +68,7 @@ def run_serve(model: str, *, host: str, port: int, api_key: str | None, drafter:
                     max_queue=max_queue, prefix_cache_bytes=prompt_cache_bytes)
     m, tokenizer = engine.start()
     try:
-        resolve_drafter(drafter, getattr(m, "generation_config", None), m.args.canvas_length)  # fail now
+        drafter_for(m, drafter)  # fail now, not at the first request
     except Exception:
         engine.close()
         raise
@@ -85,3 +86,10 @@ def run_serve(model: str, *, host: str, port: int, api_key: str | None, drafter:
     finally:
         state.closing = True
         engine.close()  # joins the engine thread, which synchronizes its stream and drops its arrays first
+    # Drained and stopped: exit now, not through the interpreter's teardown. MLX's C++ stream workers, made on
+    # the engine's (finished) thread, still abort in static destructors now and then ("terminate called
+    # without an active exception": CI saw it twice in one run even with the clean-up above).
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

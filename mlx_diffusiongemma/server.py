@@ -25,7 +25,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from .console import RESERVED_TEMPLATE_KEYS
-from .drafter import DrafterConfig, list_presets, resolve_drafter
+from .drafter import DrafterConfig, drafter_for, list_presets
 from .engine import Engine, EngineBusy, EngineStopped, Job
 from .errors import ChatTemplateError
 from .generate import GenerationResponse
@@ -70,8 +70,7 @@ class State:
         scale = 1.0 if temperature is None else float(temperature)
         key = (name, scale)
         if key not in self.drafters:
-            base = resolve_drafter(name, getattr(self.model, "generation_config", None),
-                                   self.model.args.canvas_length)
+            base = drafter_for(self.model, name)
             self.drafters[key] = base if scale == 1.0 else dataclasses.replace(
                 base, t_min=base.t_min * scale, t_max=base.t_max * scale)
         return self.drafters[key]

@@ -104,20 +104,20 @@ def test_prompt_from_stdin_matches_flag(tiny_ckpt):
 
 def test_generate_flags(tiny_ckpt):
     args = ("generate", "--model", tiny_ckpt, "--prompt", "hi", "--max-tokens", 8, "--seed", 2)
-    plain, system, raw, no_think, fast = _cli_many(
+    plain, system, raw, think, fast = _cli_many(
         args,
         (*args, "--system-prompt", "You are terse."),
         (*args, "--ignore-chat-template"),
-        (*args, "--chat-template-config", '{"enable_thinking": false}'),
+        (*args, "--chat-template-config", '{"enable_thinking": true}'),
         (*args, "--drafter", "fast", "--dtype", "bfloat16", "--no-live"),
     )
-    for r in (plain, system, raw, no_think, fast):
+    for r in (plain, system, raw, think, fast):
         assert r.returncode == 0, r.stderr
         assert r.stdout.strip() and "Traceback" not in r.stderr
     n = _prompt_tokens(plain.stderr)
     assert _prompt_tokens(system.stderr) > n  # the system turn was rendered
     assert _prompt_tokens(raw.stderr) < n  # no chat markers at all
-    assert _prompt_tokens(no_think.stderr) < n  # the template variable reached the template
+    assert _prompt_tokens(think.stderr) > n  # the template variable reached the template (thinking is opt-in)
     assert "drafter fast" in fast.stderr and re.search(r"steps per canvas (\d+) ", fast.stderr)
     assert int(re.search(r"steps per canvas (\d+) ", fast.stderr).group(1)) <= 16
 

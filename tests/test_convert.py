@@ -224,7 +224,7 @@ def test_chunked_conversion_is_exact(chunk, source, tmp_path, monkeypatch):
     in-kernel copy or preadv, give exactly the tensors of one chunk per tensor, and the same files."""
     import importlib
 
-    module = importlib.import_module("mlx_diffusiongemma.convert.convert")
+    module = importlib.import_module("mlx_diffusiongemma.convert.shards")
     runs = {
         "fp32 copy": dict(),
         "bf16 cast": dict(dtype="bfloat16"),
@@ -232,7 +232,7 @@ def test_chunked_conversion_is_exact(chunk, source, tmp_path, monkeypatch):
         "uniform mxfp4 fp32": dict(quantize=True, q_mode="mxfp4", q_group_size=32, q_recipe="uniform"),
     }
     whole = {name: convert(source, tmp_path / f"whole-{i}", **kw) for i, (name, kw) in enumerate(runs.items())}
-    monkeypatch.setattr(module, "_CHUNK_BYTES", chunk)
+    monkeypatch.setattr(module, "CHUNK_BYTES", chunk)
     monkeypatch.delattr(os, "copy_file_range", raising=False)
     if chunk < 256:
         monkeypatch.delattr(os, "preadv", raising=False)

@@ -21,6 +21,8 @@ from ..checkpoint import DTYPE_NAMES, check_safetensors, copy_side_files, resolv
 from ..errors import CheckpointError, ConversionOptionError, DiffusionGemmaError
 from ..folders import build_folder
 from ..quantization import check_quantization, recipe_setting
+from . import shards as shard_files
+from .shards import Out, ReadError, ShardFiles, copy_range, plan_shards, read_exact
 
 MAX_SHARD_BYTES = 5 * 1024**3  # the usual Hub cap per safetensors file
 # Test-only hooks: a smaller shard cap, and a pause after each tensor (to interrupt a run mid-way).
@@ -75,19 +77,6 @@ _ST_TO_MX = {
     "I32": "int32", "U64": "uint64", "I64": "int64", "F16": "float16", "BF16": "bfloat16", "F32": "float32",
     "F64": "float64",
 }
-_CHUNK_BYTES = 64 * 1024**2  # source bytes read, cast and quantized at a time
-
-
-class _Out:
-    """One output tensor: its place in the output shards."""
-
-    __slots__ = ("key", "code", "shape", "nbytes", "shard", "offset")
-
-    def __init__(self, key: str, code: str, shape: tuple, nbytes: int):
-        self.key, self.code, self.shape, self.nbytes = key, code, shape, nbytes
-        self.shard, self.offset = 0, 0
-
-
 class _Unit:
     """One source tensor, where its bytes are, and the output tensors it becomes.
 
@@ -126,129 +115,6 @@ def _rows_cols(shape: tuple) -> tuple[int, int]:
     return rows, shape[-1]
 
 
-def _plan_shards(units: list[_Unit], cap: int) -> list[list[_Out]]:
-    """Assign every output tensor to a shard (a new one when adding it would pass `cap`) and an offset."""
-    shards: list[list[_Out]] = [[]]
-    used = 0
-    for unit in units:
-        for out in unit.outs:
-            if shards[-1] and used + out.nbytes > cap:
-                shards.append([])
-                used = 0
-            out.shard, out.offset = len(shards) - 1, used
-            shards[-1].append(out)
-            used += out.nbytes
-    return shards if shards[0] else []
-
-
-def _header(outs: list[_Out]) -> bytes:
-    """A safetensors header (length prefix included), padded with spaces so the data starts 8-aligned."""
-    header = {"__metadata__": {"format": "mlx"}}
-    for out in outs:
-        header[out.key] = {"dtype": out.code, "shape": list(out.shape),
-                           "data_offsets": [out.offset, out.offset + out.nbytes]}
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    return len(raw).to_bytes(8, "little") + raw
-
-
-def _pwrite(fd: int, data, offset: int) -> None:
-    view = memoryview(data).cast("B")
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view, offset = view[n:], offset + n
-
-
-def _copy_range(src_fd: int, dst_fd: int, n: int, src_off: int, dst_off: int, buf: bytearray) -> None:
-    """Copy n bytes between files at the given offsets (in the kernel where it can)."""
-    copy_file_range = getattr(os, "copy_file_range", None)
-    while n and copy_file_range is not None:
-        try:
-            done = copy_file_range(src_fd, dst_fd, min(n, _CHUNK_BYTES), src_off, dst_off)
-        except OSError:
-            break  # not supported between these files: copy through user space
-        if done == 0:
-            break
-        n, src_off, dst_off = n - done, src_off + done, dst_off + done
-    while n:
-        chunk = min(n, len(buf))
-        _read_exact(src_fd, memoryview(buf)[:chunk], src_off)
-        _pwrite(dst_fd, memoryview(buf)[:chunk], dst_off)
-        n, src_off, dst_off = n - chunk, src_off + chunk, dst_off + chunk
-
-
-class _ReadError(Exception):
-    """A source shard could not be read (the message says why)."""
-
-
-def _read_exact(fd: int, view: memoryview, offset: int) -> None:
-    got = 0
-    while got < len(view):
-        try:
-            if hasattr(os, "preadv"):
-                n = os.preadv(fd, [view[got:]], offset + got)
-            else:
-                data = os.pread(fd, len(view) - got, offset + got)
-                n = len(data)
-                view[got : got + n] = data
-        except OSError as e:
-            raise _ReadError(e.strerror or str(e)) from None
-        if n == 0:
-            raise _ReadError("it ended early")
-        got += n
-
-
-class _ShardFiles:
-    """Output shards `model-XXXXX.partial.safetensors`, opened (header written) on first use."""
-
-    def __init__(self, folder: Path, shards: list[list[_Out]]):
-        self.folder, self.shards = folder, shards
-        self.fds: dict[int, int] = {}
-        self.starts: dict[int, int] = {}  # shard -> where its data begins (after the header)
-
-    def path(self, i: int) -> Path:
-        return self.folder / f"model-{i + 1:05d}.partial.safetensors"
-
-    def fd(self, i: int) -> int:
-        if i not in self.fds:
-            header = _header(self.shards[i])
-            fd = os.open(self.path(i), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            self.fds[i] = fd
-            _pwrite(fd, header, 0)
-            os.ftruncate(fd, len(header) + sum(o.nbytes for o in self.shards[i]))
-            self.starts[i] = len(header)
-        return self.fds[i]
-
-    def write(self, out: _Out, data, offset_in_tensor: int) -> None:
-        fd = self.fd(out.shard)
-        _pwrite(fd, data, self.starts[out.shard] + out.offset + offset_in_tensor)
-
-    def close_before(self, i: int) -> None:
-        """Close every shard before shard i (all their tensors are written)."""
-        for j in [j for j in self.fds if j < i]:
-            os.close(self.fds.pop(j))
-
-    def close(self) -> None:
-        self.close_before(len(self.shards) + 1)
-
-    def finish(self) -> int:
-        """Name the shards `model-XXXXX-of-YYYYY.safetensors`, write the index; return the total bytes."""
-        self.close()
-        n = len(self.shards)
-        weight_map, total = {}, 0
-        for i, outs in enumerate(self.shards):
-            if i not in self.starts:
-                self.fd(i)  # a shard of empty tensors only: still write its header
-                self.close()
-            name = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            self.path(i).rename(self.folder / name)
-            weight_map.update({o.key: name for o in outs})
-            total += sum(o.nbytes for o in outs)
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        return total
-
-
 def _progress_bar() -> Callable[[int, int], None] | None:
     """A tqdm bar on stderr when it is a terminal (nothing otherwise), as `progress` expects it."""
     if not sys.stderr.isatty():
@@ -266,8 +132,8 @@ def _progress_bar() -> Callable[[int, int], None] | None:
     return show
 
 
-def _write_unit(unit: _Unit, src_fd: int, shards: _ShardFiles, buf: bytearray) -> None:
-    """Write one source tensor's outputs, reading, casting and quantizing at most _CHUNK_BYTES of it at a time
+def _write_unit(unit: _Unit, src_fd: int, shards: ShardFiles, buf: bytearray) -> None:
+    """Write one source tensor's outputs, reading, casting and quantizing at most `CHUNK_BYTES` of it at a time
     (rows are independent: a cast is elementwise and quantization groups run along the last axis)."""
     import mlx.core as mx
     import numpy as np
@@ -276,7 +142,7 @@ def _write_unit(unit: _Unit, src_fd: int, shards: _ShardFiles, buf: bytearray) -
         out = unit.outs[0]
         shards.fd(out.shard)
         dst_off = shards.starts[out.shard] + out.offset
-        _copy_range(src_fd, shards.fds[out.shard], out.nbytes, unit.offset, dst_off, buf)
+        copy_range(src_fd, shards.fds[out.shard], out.nbytes, unit.offset, dst_off, buf)
         return
     src_dtype = _mx_dtype(unit.code)
     rows, cols = _rows_cols(unit.shape)
@@ -287,7 +153,7 @@ def _write_unit(unit: _Unit, src_fd: int, shards: _ShardFiles, buf: bytearray) -
         r = min(step, rows - r0)
         n = r * row_bytes
         chunk = buf if n <= len(buf) else bytearray(n)  # a single row larger than the buffer
-        _read_exact(src_fd, memoryview(chunk)[:n], unit.offset + r0 * row_bytes)
+        read_exact(src_fd, memoryview(chunk)[:n], unit.offset + r0 * row_bytes)
         x = mx.array(np.frombuffer(chunk, dtype=np.uint8, count=n)).view(src_dtype).reshape(r, cols)
         if x.dtype != unit.target:
             x = x.astype(unit.target)
@@ -354,13 +220,13 @@ class _Plan:
         self._seen.add(key)
         out_dtype = self.target if mx.issubdtype(src_dtype, mx.floating) else src_dtype
         kind, setting = ("copy" if out_dtype == src_dtype else "cast"), None
-        outs = [_Out(key, _st_code(out_dtype), shape, rows * cols * out_dtype.size)]
+        outs = [Out(key, _st_code(out_dtype), shape, rows * cols * out_dtype.size)]
         quantized = self._quantized(key, shape, out_dtype)
         if quantized is not None:
             (kind, setting), outs = ("quantize", quantized[0]), quantized[1]
         self.units.append(_Unit(key, file, data_start + begin, code, shape, kind, setting, out_dtype, outs))
 
-    def _quantized(self, key: str, shape: tuple, out_dtype) -> tuple[dict, list[_Out]] | None:
+    def _quantized(self, key: str, shape: tuple, out_dtype) -> tuple[dict, list[Out]] | None:
         """(setting, output tensors) when the tensor is a quantizable module's weight that quantizes."""
         module = key[: -len(".weight")] if key.endswith(".weight") else None
         if not self.quantize or module not in self.quantizable:
@@ -375,7 +241,7 @@ class _Plan:
             q = self.mx.quantize(self.mx.zeros((1, cols), dtype=out_dtype), *spec[2:4], mode=spec[4])
             self._quant_shapes[spec] = [(a.shape[-1], a.dtype) for a in q if a is not None]
         return setting, [
-            _Out(f"{module}.{suffix}", _st_code(dt), shape[:-1] + (n,), rows * n * dt.size)
+            Out(f"{module}.{suffix}", _st_code(dt), shape[:-1] + (n,), rows * n * dt.size)
             for suffix, (n, dt) in zip(("weight", "scales", "biases"), self._quant_shapes[spec])
         ]
 
@@ -404,20 +270,20 @@ def _open_source(unit: _Unit, sources: dict[Path, int]) -> int:
         try:
             sources[unit.file] = os.open(unit.file, os.O_RDONLY)
         except OSError as e:
-            raise _ReadError(e.strerror or str(e)) from None
+            raise ReadError(e.strerror or str(e)) from None
     return sources[unit.file]
 
 
 def _write_all(units: list[_Unit], tmp: Path, shard_cap: int, progress) -> None:
-    shards = _ShardFiles(tmp, _plan_shards(units, shard_cap))
+    shards = ShardFiles(tmp, plan_shards(units, shard_cap))
     delay = float(os.environ.get(_DELAY_ENV, "0") or 0)
-    buf = bytearray(_CHUNK_BYTES)
+    buf = bytearray(shard_files.CHUNK_BYTES)  # read at call time: the tests shrink it
     sources: dict[Path, int] = {}
     try:
         for done, unit in enumerate(units, 1):
             try:
                 _write_unit(unit, _open_source(unit, sources), shards, buf)
-            except _ReadError as e:
+            except ReadError as e:
                 raise CheckpointError(f"cannot read {unit.file} ({e}); re-download it") from None
             shards.close_before(max((o.shard for o in unit.outs), default=0))
             if progress is not None:
@@ -452,6 +318,18 @@ def _convert_into(
     _write_all(plan.units, tmp, shard_cap, progress)
     _write_config(src_config, tmp, dtype, plan.qconfig())
     copy_side_files(src, tmp)
+
+
+def _paths(hf_path: str | Path, mlx_path: str | Path, force: bool) -> tuple[Path, Path]:
+    """The source folder and the absolute output folder, refused in one line if the output exists (without
+    `force`) or would replace the source."""
+    dst = Path(mlx_path).expanduser().absolute()
+    if dst.exists() and not force:
+        raise CheckpointError(f"{dst} already exists; pass --force to replace it, or choose another --mlx-path")
+    src = resolve_path(hf_path)
+    if dst.exists() and (dst.resolve() == src.resolve() or dst.resolve() in src.resolve().parents):
+        raise CheckpointError(f"{dst} holds the source checkpoint; choose another output folder")
+    return src, dst
 
 
 def convert(
@@ -493,16 +371,9 @@ def convert(
             left behind on failure or interruption.
     """
     _check_options(dtype, quantize, q_bits, q_group_size, q_mode, q_recipe)
-    dst = Path(mlx_path).expanduser().absolute()
-    if dst.exists() and not force:
-        raise CheckpointError(f"{dst} already exists; pass --force to replace it, or choose another --mlx-path")
-    src = resolve_path(hf_path)
-    if dst.exists() and (dst.resolve() == src.resolve() or dst.resolve() in src.resolve().parents):
-        raise CheckpointError(f"{dst} holds the source checkpoint; choose another output folder")
-    if progress is None:
-        progress = _progress_bar()
+    src, dst = _paths(hf_path, mlx_path, force)
+    progress = progress or _progress_bar()
     shard_cap = int(os.environ.get(_SHARD_ENV) or MAX_SHARD_BYTES)
-
     try:  # a concurrent run to `dst` makes this refuse, or with `force` wait for it and then replace its output
         with build_folder(dst, replace=force, wait=force, hint="pass --force to replace it") as tmp:
             _convert_into(

@@ -39,6 +39,18 @@ def _draw(examples, order: list[int], rng: random.Random, n: int):
     return batch
 
 
+def _update(model: Model, optimizer, loss_and_grad, batch, keys: mx.array, it: int) -> float:
+    """One optimizer step; its loss, or a `UsageError` once it is not finite (the weights are already ruined:
+    stop before any save)."""
+    loss, grads = loss_and_grad(batch, keys)
+    optimizer.update(model, grads)
+    mx.eval(loss, model.trainable_parameters(), optimizer.state)
+    if not math.isfinite(value := loss.item()):
+        raise UsageError(f"training stopped at iteration {it}: the loss is {value} (lower --learning-rate); these "
+                         "weights were not saved")
+    return value
+
+
 def train(
     model: Model,
     examples: list[tuple[list[int], int]],
@@ -81,13 +93,7 @@ def train(
         tic = time.perf_counter()
         batch = _draw(examples, order, rng, batch_size)
         key, sub = mx.random.split(key)
-        loss, grads = loss_and_grad(batch, mx.random.split(sub, batch_size))
-        optimizer.update(model, grads)
-        mx.eval(loss, model.trainable_parameters(), optimizer.state)
-        history.append(loss.item())
-        if not math.isfinite(history[-1]):  # the weights are already ruined: stop before any save
-            raise UsageError(f"training stopped at iteration {it}: the loss is {history[-1]} (lower "
-                             "--learning-rate); these weights were not saved")
+        history.append(_update(model, optimizer, loss_and_grad, batch, mx.random.split(sub, batch_size), it))
         elapsed += time.perf_counter() - tic
         tokens += sum(len(ids) for ids, _ in batch)
         if it % report_every == 0 or it == iters:
