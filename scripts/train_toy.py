@@ -1,15 +1,11 @@
 """Train the bundled toy DiffusionGemma from scratch, reproducibly, and score it.
 
     pip install -e '.[test]'      # transformers + torch write the initial HF checkpoint
-    python scripts/train_toy.py --data single --out /tmp/toy-stage1 --eval-prompts 0                  # 47 min
-    python scripts/train_toy.py --data single --resume-from /tmp/toy-stage1 --out /tmp/toy-stage2 \
-        --tasks add,add,add,add,sort,sudoku --iters 3000 --learning-rate 2e-3 --seed 1                 # 17-23 min
-    OPENBLAS_NUM_THREADS=1 mlx.launch -n 2 --backend ring --python python scripts/train_toy.py \
-        --resume-from /tmp/toy-stage2 --out /tmp/toy --iters 1200 --learning-rate 1e-3 --seed 2        # v2
 
-are the three stages that made `mlx_diffusiongemma/toy_model/` (its `metrics.json` records them; the first
-two ran before `--data` existed, with the one-turn data `single` now names). The first learns sort and
-sudoku; addition needs the second, weighted to it, to leave its plateau. The third (v2) teaches
+then the five commands of README's "Toy model and demo" section are the stages that made
+`mlx_diffusiongemma/toy_model/` (its `metrics.json` records each one's command, time and final losses; the
+first two ran before `--data` existed, with the one-turn data `single` now names). The first learns sort and
+sudoku; addition needs the second, weighted to it, to leave its plateau. The last three (v2) teach
 conversations (`dialogues.py`): 1-4 earlier turns, Gemma 4's thinking channel, and calls to a declared
 calculator tool, with the encoder's next-token loss over every reply in the context. Under `mlx.launch -n N`
 each process trains on its share of the batch and the gradients are averaged: MLX's CPU backend runs a
@@ -267,7 +263,7 @@ def score(folder: Path, n: int, log, workers: int = 2, conversations: int | None
     turn of a conversation, thinking on, and the calculator round trip; jobs run in `workers` processes."""
     jobs = [("held_out", t, d) for d in ("reference", "fast") for t in TASKS]
     jobs += [(k, t, "reference") for k in ("turn3", "thinking") for t in TASKS] + [("tools", "add", "reference")]
-    counts = {k: n if k == "held_out" else conversations or n for k, _, _ in jobs}
+    counts = {k: n if k == "held_out" else conversations or min(n, 200) for k, _, _ in jobs}
     with multiprocessing.get_context("spawn").Pool(workers) as pool:
         done = pool.starmap(_job, [(str(folder), k, t, counts[k], d) for k, t, d in jobs])
     out: dict = {"held_out": [], "conversations": {"turn3": [], "thinking": [], "tools": None}}
@@ -336,7 +332,8 @@ def main() -> None:
     ap.add_argument("--score-only", type=Path, help="only score this folder (written by this script) again")
     ap.add_argument("--eval-prompts", type=int, default=500, help="held-out prompts per task (0: skip)")
     ap.add_argument("--conversation-prompts", type=int,
-                    help="held-out prompts per conversation figure (3rd turn, thinking, tools; default: --eval-prompts)")
+                    help="held-out prompts per conversation figure (3rd turn, thinking, tools; default: --eval-prompts, "
+                         "at most 200)")
     args = ap.parse_args()
     if set(args.tasks) - set(TASKS):
         ap.error(f"unknown --tasks {sorted(set(args.tasks) - set(TASKS))}; choose from {sorted(TASKS)}")
