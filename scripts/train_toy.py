@@ -2,12 +2,13 @@
 
     pip install -e '.[test]'      # transformers + torch write the initial HF checkpoint
 
-then the five commands of README's "Toy model and demo" section are the stages that made
+then the six commands of README's "Toy model and demo" section are the stages that made
 `mlx_diffusiongemma/toy_model/` (its `metrics.json` records each one's command, time and final losses; the
 first two ran before `--data` existed, with the one-turn data `single` now names). The first learns sort and
-sudoku; addition needs the second, weighted to it, to leave its plateau. The last three (v2) teach
+sudoku; addition needs the second, weighted to it, to leave its plateau. The last four (v2) teach
 conversations (`dialogues.py`): 1-4 earlier turns, Gemma 4's thinking channel, and calls to a declared
-calculator tool, with the encoder's next-token loss over every reply in the context. Under `mlx.launch -n N`
+calculator tool, with the encoder's next-token loss over every reply in the context; the sixth widens the
+sliding window to 64 and gives thinking and tools half the dialogues each. Under `mlx.launch -n N`
 each process trains on its share of the batch and the gradients are averaged: MLX's CPU backend runs a
 process's ops on one core, so this is how both cores of this machine help.
 
@@ -67,6 +68,9 @@ GEOMETRY = dict(
 )
 PROMPT_BUCKET = 32  # prompts within this many tokens of each other share a batch (the shorter ones padded)
 SLIDING_WINDOW = 24  # shorter than a sudoku prompt (35 tokens), so the sliding layers do slide
+# From stage 6 on, 64 (`--sliding-window`): with 24, a canvas's later positions lost sight of the prompt, so a
+# tool call's first operand and an answer after a thought (a canvas later) were guessed; conversations and
+# tool declarations are still longer than 64 tokens, so the layers still slide.
 # Ids 0-4, 105 and 106 are the released Gemma 4 ones; the characters and role words fill the gap. The
 # thinking and tool markers (v2) are single tokens as in the released tokenizer, in formerly unused ids, and
 # not "special", so decoding never strips them (the chat and tool-call parsers read them).
@@ -98,22 +102,25 @@ def build_tokenizer(path: Path) -> None:
     (path / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2) + "\n")
 
 
-def build_initial(path: Path, seed: int) -> None:
+def build_initial(path: Path, seed: int, sliding_window: int) -> None:
     """The random HF checkpoint (transformers' own initialisation) with our tokenizer and generation config."""
     build_checkpoint(path, layout="hub", seed=seed, num_layers=len(GEOMETRY["layer_types"]),
-                     sliding_window=SLIDING_WINDOW, canvas_length=CANVAS, tokenizer=False, vocab_size=VOCAB_SIZE,
+                     sliding_window=sliding_window, canvas_length=CANVAS, tokenizer=False, vocab_size=VOCAB_SIZE,
                      embed_std=None, **GEOMETRY)
     build_tokenizer(path)
     generation = {**RELEASED_GENERATION_CONFIG, "eos_token_id": [1, 106, TOOL_RESPONSE], "max_new_tokens": CANVAS}
     (path / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
 
 
-def upgrade(path: Path) -> None:
+def upgrade(path: Path, sliding_window: int | None) -> None:
     """Bring a folder of an earlier stage to this script's format: the tokenizer with every marker, the
-    context length and the end-of-generation ids (the weights are untouched; the new ids were unused rows)."""
+    context length and the end-of-generation ids (the weights are untouched; the new ids were unused rows),
+    and the sliding window if one is given."""
     build_tokenizer(path)
     config = json.loads((path / "config.json").read_text())
     config["text_config"]["max_position_embeddings"] = GEOMETRY["max_position_embeddings"]
+    if sliding_window:
+        config["text_config"]["sliding_window"] = sliding_window
     config["eos_token_id"] = [1, 106, TOOL_RESPONSE]
     (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     generation = json.loads((path / "generation_config.json").read_text())
@@ -141,16 +148,18 @@ def encode(tokenizer, dialogue) -> tuple[list[int], int, list[int]]:
     return ids + reply + [0] * pad, len(ids), mask + [1] * (len(reply) - 1) + [0] * (pad + 1)
 
 
-def batches(tokenizer, batch_size: int, seed: int, skip: set[str], names: list[str], single: bool):
+def batches(tokenizer, batch_size: int, seed: int, skip: set[str], names: list[str], single: bool,
+            shares: dict[str, float]):
     """Endless `(kinds, ids, prompt length, masks, pads)` batches of dialogues whose tasks are drawn from `names`
-    (a repeated name weighs more); `single`: one-turn prompts without thinking or tools, as stages 1-2 had.
+    (a repeated name weighs more); `single`: one-turn prompts without thinking or tools, as stages 1-2 had;
+    `shares`: how often thinking is on and tools are declared (`make_dialogue`'s defaults unless given).
     Dialogues wait in buckets of equal reply blocks and similar prompt lengths until one holds a batch; shorter
     prompts get pad tokens in front (`pads`), hidden by `diffusion_loss(prompt_pad=...)`. Buckets by exact
     length (as v2's first 800 iterations had) starve long conversations: 5% of rows were calls, not 13%."""
     rng = random.Random(seed)
     buckets: dict[tuple[int, int], list] = {}
     while True:
-        options = dict(earlier=0, thinking=False, tools=[]) if single else {}
+        options = dict(earlier=0, thinking=False, tools=[]) if single else shares
         dialogue = make_dialogue(rng, skip, task=rng.choice(names), **options)
         ids, plen, mask = encode(tokenizer, dialogue)
         key = ((len(ids) - plen) // CANVAS, plen // PROMPT_BUCKET)
@@ -190,7 +199,7 @@ def average(grads, group):
 
 
 def train(model, tokenizer, *, iters: int, batch_size: int, lr: float, seed: int, tasks: list[str], single: bool,
-          log) -> dict:
+          shares: dict[str, float], log) -> dict:
     # Under `mlx.launch -n N`, each of N processes trains on batch_size / N rows of its own data and the
     # gradients are averaged: MLX's CPU backend runs one process's ops on one core, so this is how N cores help.
     group = mx.distributed.init()
@@ -209,7 +218,7 @@ def train(model, tokenizer, *, iters: int, batch_size: int, lr: float, seed: int
 
     loss_and_grad = nn.value_and_grad(model, loss_fn)
     key = mx.random.key(seed_r)
-    stream = prefetched(batches(tokenizer, batch_size // size, seed_r, held_out_prompts(), tasks, single))
+    stream = prefetched(batches(tokenizer, batch_size // size, seed_r, held_out_prompts(), tasks, single, shares))
     recent: dict[str, list[float]] = {}
     start = tic = time.perf_counter()
     reported = 0
@@ -295,14 +304,16 @@ def main_with(args) -> int:
             previous = initial / "metrics.json"
             stages = json.loads(previous.read_text())["stages"] if previous.exists() else []
             previous.unlink(missing_ok=True)
-            upgrade(initial)
+            upgrade(initial, args.sliding_window)
         else:
-            build_initial(initial, args.seed)
+            build_initial(initial, args.seed, args.sliding_window or SLIDING_WINDOW)
         model, tokenizer = load(initial)
         log(f"training {sum(v.size for _, v in tree_flatten(model.parameters())) / 1e6:.2f}M parameters; {blas}")
         stage = {"command": "python scripts/train_toy.py " + " ".join(sys.argv[1:]),
                  **train(model, tokenizer, iters=args.iters, batch_size=args.batch_size, lr=args.learning_rate,
-                         seed=args.seed, tasks=args.tasks, single=args.data == "single", log=log)}
+                         seed=args.seed, tasks=args.tasks, single=args.data == "single", log=log,
+                         shares={k: v for k, v in (("thinking_share", args.thinking_share),
+                                                   ("tools_share", args.tools_share)) if v is not None})}
         metrics = {"blas": blas, "data": "mlx_diffusiongemma/tasks.py (fresh prompts every batch, held-out ones "
                    "skipped)", "stages": stages + [stage], "seconds": sum(s["seconds"] for s in stages + [stage])}
         if rank:  # rank 0 holds the same weights and writes them
@@ -328,6 +339,10 @@ def main() -> None:
                     help="comma-separated tasks to draw batches from; repeat one to weigh it more")
     ap.add_argument("--data", choices=("dialogues", "single"), default="dialogues",
                     help="dialogues (v2): earlier turns, thinking and tool calls; single: one-turn prompts (v1)")
+    ap.add_argument("--thinking-share", type=float, help="share of dialogues with thinking on (default 0.3)")
+    ap.add_argument("--tools-share", type=float, help="share of dialogues that declare tools (default 0.35)")
+    ap.add_argument("--sliding-window", type=int,
+                    help=f"the sliding layers' window (default: the resumed folder's, else {SLIDING_WINDOW})")
     ap.add_argument("--resume-from", type=Path, help="continue from a folder this script wrote (a later stage)")
     ap.add_argument("--score-only", type=Path, help="only score this folder (written by this script) again")
     ap.add_argument("--eval-prompts", type=int, default=500, help="held-out prompts per task (0: skip)")
