@@ -38,6 +38,18 @@ def join() -> Group | None:
     return group if group.size() > 1 else None
 
 
+def refuse_split(command: str) -> None:
+    """Under `mlx.launch`, end a command that does not run split across processes: rank 0 says so in one line,
+    the other ranks leave quietly (N copies each holding the whole model would not be what was asked for)."""
+    group = join()
+    if group is None:
+        return
+    if group.rank():
+        raise SystemExit(1)
+    raise UsageError(f"{command} does not run split across processes yet; start it without mlx.launch (one "
+                     "process, holding the whole model)")
+
+
 def _target(codes: dict[str, str], dtype: str | None):
     # As `loader._target_dtype`: the embedding's (or its scales') dtype unless one is asked for.
     if dtype is not None:
