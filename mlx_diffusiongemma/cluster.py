@@ -21,7 +21,7 @@ from . import distributed
 from .backend import prepare_model
 from .checkpoint import check_safetensors, read_json, resolve_path, weight_files
 from .errors import DiffusionGemmaError, UsageError
-from .loader import DTYPES, _quantize, load_config, load_generation_config, load_tokenizer
+from .loader import DTYPES, load_config, load_generation_config, load_tokenizer, quantize_like
 from .model import Model
 from .tensors import check_shapes, stored_shapes
 
@@ -79,7 +79,7 @@ def load_model_part(path: Path, group: Group, dtype: str | None = None) -> Model
     target = _target(codes, dtype)
     model = Model(args)  # random weights stay lazy: never evaluated, replaced below
     if qcfg:
-        _quantize(model, qcfg, stored)
+        quantize_like(model, qcfg, stored)
     cuts, split = distributed.restructure(model, group)
     distributed.slice_parameters(model, cuts)  # lazy too: only the shapes, for the strict load below
     weights = []
