@@ -27,25 +27,19 @@ from .model import Model, ModelArgs
 from .noise import MLXNoise
 
 _COMMON = dict(rms_norm_eps=1e-6, use_bidirectional_attention="vision")
-PRESETS: dict[str, dict] = {
-    "tiny": dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
-                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, global_head_dim=32,
-                 num_global_key_value_heads=1, num_experts=8, top_k_experts=2, moe_intermediate_size=32,
-                 sliding_window=128, canvas_length=64),
-    "small": dict(vocab_size=8192, hidden_size=256, intermediate_size=512, num_hidden_layers=6,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=64, global_head_dim=128,
-                  num_global_key_value_heads=1, num_experts=8, top_k_experts=2, moe_intermediate_size=128,
-                  sliding_window=256, canvas_length=128),
-    "medium": dict(vocab_size=32000, hidden_size=512, intermediate_size=1024, num_hidden_layers=6,
-                   num_attention_heads=8, num_key_value_heads=4, head_dim=64, global_head_dim=128,
-                   num_global_key_value_heads=2, num_experts=16, top_k_experts=4, moe_intermediate_size=256,
-                   sliding_window=512, canvas_length=256),
-    # The released google/diffusiongemma-26B-A4B-it text geometry.
-    "full": dict(vocab_size=262144, hidden_size=2816, intermediate_size=2112, num_hidden_layers=30,
-                 num_attention_heads=16, num_key_value_heads=8, head_dim=256, global_head_dim=512,
-                 num_global_key_value_heads=2, num_experts=128, top_k_experts=8, moe_intermediate_size=704,
-                 sliding_window=1024, canvas_length=256, max_position_embeddings=262144),
+_COLUMNS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "head_dim", "global_head_dim", "num_global_key_value_heads", "num_experts",
+            "top_k_experts", "moe_intermediate_size", "sliding_window", "canvas_length")
+# One geometry per row, in _COLUMNS' order; "full" is the released google/diffusiongemma-26B-A4B-it text model.
+_ROWS = {
+    #         vocab  hidden  inter  layers heads kv  head  global gkv experts top-k moe  window canvas
+    "tiny":   (1024,    64,   128,   6,    4,    2,  16,   32,    1,   8,    2,    32,   128,   64),
+    "small":  (8192,   256,   512,   6,    4,    2,  64,  128,    1,   8,    2,   128,   256,  128),
+    "medium": (32000,  512,  1024,   6,    8,    4,  64,  128,    2,  16,    4,   256,   512,  256),
+    "full":   (262144, 2816, 2112,  30,   16,    8, 256,  512,    2, 128,    8,   704,  1024,  256),
 }
+PRESETS: dict[str, dict] = {name: dict(zip(_COLUMNS, row)) for name, row in _ROWS.items()}
+PRESETS["full"]["max_position_embeddings"] = 262144
 
 
 def _parameter_count(args: ModelArgs) -> tuple[int, int, int]:

@@ -128,6 +128,9 @@ def run_chat(
     drafter: str = "reference", chat_template_config: str | None = None, dtype: str | None = None,
     live: bool = True, verbose: bool = False, adapter_path: str | None = None,
 ) -> None:
+    from .cluster import refuse_split
+
+    refuse_split("chat")
     template_kwargs = parse_template_config(chat_template_config)
     if system_prompt is not None:
         check_text(system_prompt, "--system-prompt")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 from typing import Annotated, Optional
 
@@ -262,21 +263,21 @@ def bench(
         typer.echo(report)
 
 
+# The LoRA options, listed under their own heading by `finetune --help` when rich is installed.
+_lora = functools.partial(typer.Option, rich_help_panel="LoRA")
+
+
 @app.command()
 def finetune(
     model: str = typer.Option(..., "--model", "-m", help=_MODEL_HELP),
     data: str = typer.Option(
         ..., "--data", help='JSONL file: one {"messages": [...]} or {"prompt": ..., "completion": ...} per line.'
     ),
-    lora_rank: Optional[int] = typer.Option(
-        None, "--lora-rank", help="LoRA rank (default: 8; --resume: the saved one)."
-    ),
-    lora_scale: Optional[float] = typer.Option(
-        None, "--lora-scale", help="LoRA scale (default: 20, mlx-lm's; --resume: the saved one)."
-    ),
-    lora_experts: bool = typer.Option(
-        False, "--lora-experts", help="Also put LoRA on the MoE experts (one pair per expert; default: off)."
-    ),
+    lora_rank: Optional[int] = _lora(None, "--lora-rank", help="LoRA rank (default: 8; --resume: the saved one)."),
+    lora_scale: Optional[float] = _lora(
+        None, "--lora-scale", help="LoRA scale (default: 20, mlx-lm's; --resume: the saved one)."),
+    lora_experts: bool = _lora(
+        False, "--lora-experts", help="Also put LoRA on the MoE experts (one pair per expert; default: off)."),
     full: bool = typer.Option(
         False, "--full", help="Train every weight instead of LoRA (small, unquantized models; needs --save-path)."
     ),

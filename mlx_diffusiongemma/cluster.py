@@ -21,7 +21,7 @@ from . import distributed
 from .backend import prepare_model
 from .checkpoint import check_safetensors, read_json, resolve_path, weight_files
 from .errors import DiffusionGemmaError, UsageError
-from .loader import DTYPES, _quantize, load_config, load_generation_config, load_tokenizer
+from .loader import DTYPES, load_config, load_generation_config, load_tokenizer, quantize_like
 from .model import Model
 from .tensors import check_shapes, stored_shapes
 
@@ -36,6 +36,18 @@ def join() -> Group | None:
     """The group this process belongs to (`mlx.launch` or MLX_HOSTFILE/MLX_RANK), or None when it runs alone."""
     group = mx.distributed.init()
     return group if group.size() > 1 else None
+
+
+def refuse_split(command: str) -> None:
+    """Under `mlx.launch`, end a command that does not run split across processes: rank 0 says so in one line,
+    the other ranks leave quietly (N copies each holding the whole model would not be what was asked for)."""
+    group = join()
+    if group is None:
+        return
+    if group.rank():
+        raise SystemExit(1)
+    raise UsageError(f"{command} does not run split across processes yet; start it without mlx.launch (one "
+                     "process, holding the whole model)")
 
 
 def _target(codes: dict[str, str], dtype: str | None):
@@ -67,7 +79,7 @@ def load_model_part(path: Path, group: Group, dtype: str | None = None) -> Model
     target = _target(codes, dtype)
     model = Model(args)  # random weights stay lazy: never evaluated, replaced below
     if qcfg:
-        _quantize(model, qcfg, stored)
+        quantize_like(model, qcfg, stored)
     cuts, split = distributed.restructure(model, group)
     distributed.slice_parameters(model, cuts)  # lazy too: only the shapes, for the strict load below
     weights = []

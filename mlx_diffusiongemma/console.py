@@ -5,6 +5,7 @@ Imported only when a command runs (it pulls in MLX), so `--help` stays fast.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -163,9 +164,10 @@ def run_generate(
     lead = group is None or group.rank() == 0
     if group is not None:
         seed = shared_seed(group, seed)
-    out = make_output(m, tokenizer, live, None if lead else open(os.devnull, "w"))
-    last, _ = stream_reply(m, tokenizer, ids, out, max_tokens=max_tokens, drafter=config, seed=seed)
-    out.newline()
+    with contextlib.nullcontext() if lead else open(os.devnull, "w") as sink:  # other ranks print nothing
+        out = make_output(m, tokenizer, live, sink)
+        last, _ = stream_reply(m, tokenizer, ids, out, max_tokens=max_tokens, drafter=config, seed=seed)
+        out.newline()
     if verbose and last is not None and lead:
         print_stats(last)
         if group is not None:

@@ -36,7 +36,8 @@ def load_generation_config(path: Path, config: dict) -> dict:
     return dict(config.get("generation_config") or {})
 
 
-def _quantize(model: Model, qcfg: dict, weights: dict[str, mx.array]) -> None:
+def quantize_like(model: Model, qcfg: dict, weights: dict[str, mx.array]) -> None:
+    """Quantize (in place) the modules that `weights` stores quantized, with `qcfg`'s setting for each."""
     def predicate(name: str, module: nn.Module):
         if not hasattr(module, "to_quantized") or f"{name}.scales" not in weights:
             return False
@@ -72,7 +73,7 @@ def load_model(path: Path, dtype: str | None = None, lazy: bool = False) -> Mode
     weights = {k: v.astype(target) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
     model = Model(args)
     if qcfg:
-        _quantize(model, qcfg, weights)
+        quantize_like(model, qcfg, weights)
     model.load_weights(list(weights.items()), strict=True)
     model.generation_config = load_generation_config(path, config)
     prepare_model(model)

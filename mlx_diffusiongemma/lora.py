@@ -23,8 +23,8 @@ from pathlib import Path
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
-from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 from mlx_lm.tuner.lora import LoRALinear, LoRASwitchLinear
+from mlx_lm.tuner.utils import linear_to_lora_layers
 
 from .errors import CheckpointError
 
@@ -49,11 +49,6 @@ def _targets(model, modules):
                 yield parent, attr
 
 
-def _wrap(base, rank: int, scale: float, dropout: float):
-    lora = LoRASwitchLinear if isinstance(base, (SwitchLinear, QuantizedSwitchLinear)) else LoRALinear
-    return lora.from_base(base, r=rank, scale=scale, dropout=dropout)
-
-
 def apply_lora(
     model, rank: int = DEFAULT_RANK, scale: float = DEFAULT_SCALE, dropout: float = 0.0, modules=TARGETS
 ) -> dict:
@@ -62,8 +57,9 @@ def apply_lora(
     if rank < 1:
         raise ValueError(f"LoRA rank must be at least 1 (got {rank})")
     model.freeze()
-    for parent, attr in _targets(model, modules):
-        setattr(parent, attr, _wrap(parent[attr], rank, scale, dropout))
+    # mlx-lm's set-up: each layer's modules at these paths become LoRALinear / LoRASwitchLinear (the experts).
+    lora_config = {"rank": rank, "scale": scale, "dropout": dropout, "keys": list(modules)}
+    linear_to_lora_layers(model, len(model.layers), lora_config)
     return {"rank": rank, "scale": scale, "dropout": dropout, "modules": list(modules)}
 
 

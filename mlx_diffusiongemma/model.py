@@ -15,7 +15,7 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.switch_layers import SwitchLinear
+from mlx_lm.models.switch_layers import SwitchLinear, _gather_sort, _scatter_unsort
 
 from .cache import LayerCache, cache_offset
 from .config_checks import FULL, SLIDING, check_args, check_rope
@@ -168,17 +168,12 @@ def inv_frequencies(args: ModelArgs, layer_type: str) -> mx.array:
     return mx.where(j < rot_dim // 2, inv, 0.0)
 
 
-def rope_tables(inv_freq: mx.array, positions: mx.array, dtype) -> tuple[mx.array, mx.array]:
-    """cos and sin tables for positions `[L]` (shared by every row) or `[B, L]` (a batch's own positions)."""
-    freqs = positions.astype(mx.float32)[..., None] * inv_freq
-    emb = mx.concatenate([freqs, freqs], axis=-1)[..., None, :]  # ([B,] L, 1, d) against (B, L, heads, d)
-    return mx.cos(emb).astype(dtype), mx.sin(emb).astype(dtype)
-
-
-def apply_rope(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
-    half = x.shape[-1] // 2
-    rotated = mx.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    return x * cos + rotated * sin
+def rope(periods: mx.array, offset: int | mx.array) -> Callable[[mx.array], mx.array]:
+    """RoPE over `[B, heads, L, head_dim]` from position `offset` (one, or one per row `[B]`), rotating pair
+    (j, j + d/2) by position / `periods[j]`: `mx.fast.rope`, fused on Metal. Its `freqs` are periods; a
+    pair that does not rotate has an infinite one."""
+    return partial(mx.fast.rope, dims=2 * periods.shape[0], traditional=False, base=None, scale=1.0,
+                   offset=offset, freqs=periods)
 
 
 class Attention(nn.Module):
@@ -201,17 +196,15 @@ class Attention(nn.Module):
         B, L, _ = x.shape
         raw_k = self.k_proj(x).reshape(B, L, self.n_kv, -1)
         raw_v = self.v_proj(x).reshape(B, L, self.n_kv, -1) if "v_proj" in self else raw_k
-        k = apply_rope(self.k_norm(raw_k), *rope)
+        k = rope(self.k_norm(raw_k).transpose(0, 2, 1, 3))
         v = rms_norm(raw_v, None, self.eps)
-        return k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+        return k, v.transpose(0, 2, 1, 3)
 
     def __call__(self, x, rope, kv_context, mask=None):
         B, L, _ = x.shape
-        q = apply_rope(self.q_norm(self.q_proj(x).reshape(B, L, self.n_heads, -1)), *rope)
+        q = rope(self.q_norm(self.q_proj(x).reshape(B, L, self.n_heads, -1)).transpose(0, 2, 1, 3))
         keys, values = kv_context(*self.kv(x, rope))
-        out = mx.fast.scaled_dot_product_attention(
-            q.transpose(0, 2, 1, 3), keys, values, scale=1.0, mask=mask
-        )
+        out = mx.fast.scaled_dot_product_attention(q, keys, values, scale=1.0, mask=mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 
@@ -258,16 +251,12 @@ class Experts(nn.Module):
         N, k = idx.shape
         sort = idx.size >= 64  # grouping rows by expert pays off once there are many of them
         # Expand before gathering: gather_mm is ~4x slower on CPU when its input is a strided view.
-        x = mx.expand_dims(x, -2)
-        if sort:
-            flat = idx.flatten()
-            order = mx.argsort(flat)
-            xs, ids = x[order // k], flat[order]
-        else:
-            xs, ids = mx.expand_dims(x, -3), idx
+        x = mx.expand_dims(x, (-2, -3))
+        # Sorted: mlx-lm's SwitchGLU helpers, [N*k, 1, H] rows grouped by expert and put back in order.
+        xs, ids, back = _gather_sort(x, idx) if sort else (x, idx, None)
         gate, up = mx.split(self.gate_up_proj(xs, ids, sorted_indices=sort), 2, axis=-1)
         y = self.down_proj(gelu(gate) * up, ids, sorted_indices=sort)
-        y = y[mx.argsort(order)] if sort else y
+        y = _scatter_unsort(y, back, idx.shape) if sort else y
         y = _wide(y.reshape(N, k, -1))
         return (y * weights[..., None]).sum(axis=1)  # fp32 accumulation over the top-k experts
 
@@ -365,7 +354,7 @@ class Model(nn.Module):
         super().__init__()
         self.args = args
         self.model = _Stacks(args)
-        self._inv_freq = {t: inv_frequencies(args, t) for t in (SLIDING, FULL)}
+        self._periods = {t: 1.0 / inv_frequencies(args, t) for t in (SLIDING, FULL)}
         # The checkpoint's generation_config.json (the loader fills it): EOS and pad ids, drafter defaults.
         self.generation_config: dict[str, Any] = {}
 
@@ -388,10 +377,9 @@ class Model(nn.Module):
         # The reference casts sqrt(H) to the weight dtype first (53.0, not 53.07, in bf16).
         return e * mx.array(math.sqrt(self.args.hidden_size), dtype=e.dtype)
 
-    def _ropes(self, start: int | mx.array, n: int, dtype) -> dict[str, tuple[mx.array, mx.array]]:
+    def _ropes(self, start: int | mx.array) -> dict[str, Callable[[mx.array], mx.array]]:
         # `start` is one offset, or one per row ([B]) for a batch whose rows have encoded different lengths.
-        pos = mx.arange(start, start + n) if isinstance(start, int) else start[:, None] + mx.arange(n)
-        return {t: rope_tables(f, pos, dtype) for t, f in self._inv_freq.items()}
+        return {t: rope(p, start) for t, p in self._periods.items()}
 
     def _encoder_mask(self, c: LayerCache, n: int, layer_type: str) -> mx.array:
         # Positions relative to the first new token: the same for every row of a batch.
@@ -409,7 +397,7 @@ class Model(nn.Module):
         softcapped next-token logits `[B, L, V]` (`[B, 1, V]`): position i predicts token i + 1."""
         x = self._embed(input_ids)  # the encoder input is not normalised, unlike the decoder's
         n = input_ids.shape[1]
-        ropes = self._ropes(cache_offset(cache), n, x.dtype)
+        ropes = self._ropes(cache_offset(cache))
         scalars = self.model.encoder.language_model.layers
         masks: dict[str, mx.array] = {}
         last = len(self.layers) - 1
@@ -463,7 +451,7 @@ class Model(nn.Module):
             e = e + dec.self_conditioning(self.soft_embedding(self_conditioning_probs, e.dtype))
         # With no self-conditioning the signal is exactly zero, so only the no-scale norm remains.
         x = rms_norm(e, None, self.args.rms_norm_eps)
-        ropes = self._ropes(cache_offset(cache), canvas_ids.shape[1], x.dtype)
+        ropes = self._ropes(cache_offset(cache))
         # Bidirectional: the only mask is a batch's padding (None for one row or rows of equal lengths).
         masks = {t: c.padding_mask(canvas_ids.shape[1]) for t, c in zip(self.args.layer_types, cache)}
         for i, layer in enumerate(self.layers):

@@ -46,12 +46,14 @@ def run_serve(model: str, *, host: str, port: int, api_key: str | None, drafter:
               chat_template_args: str | None, dtype: str | None, adapter_path: str | None, drain_timeout: float,
               log_level: str) -> None:
     """Check the flags, load the model, serve until told to stop."""
+    from .cluster import refuse_split
     from .console import parse_template_config, reply_length
     from .drafter import drafter_for
     from .engine import Engine
     from .loader import load
     from .server import ServeOptions, State, create_app
 
+    refuse_split("serve")
     for name, value in (("--decode-concurrency", decode_concurrency), ("--max-tokens-limit", max_tokens_limit)):
         if value < 1:
             raise UsageError(f"{name} must be at least 1 (got {value})")

@@ -70,3 +70,27 @@ def test_the_gpu_path_runs_no_numpy_and_no_cpu_branch(tiny_ckpt, monkeypatch):
     finally:
         monkeypatch.undo()
     assert on_gpu == on_cpu
+
+
+def test_large_cpu_experts_take_one_matmul_per_expert(monkeypatch):
+    """On the CPU, rows sorted by expert through an expert of at least `DENSE_EXPERT_ELEMENTS` weights take one
+    BLAS matmul per expert (MLX's CPU gather_mm was 4-10x slower there) with gather_mm's result, fp32 and bf16;
+    smaller experts keep gather_mm."""
+    mx.random.seed(3)
+    calls = []
+    per_expert = backend.Float32SwitchLinear.per_expert
+    monkeypatch.setattr(backend.Float32SwitchLinear, "per_expert",
+                        lambda self, x, i: calls.append(x.shape) or per_expert(self, x, i))
+    for out_dims, in_dims, dense in ((512, 1024, True), (64, 128, False)):
+        lin = SwitchLinear(in_dims, out_dims, 4, bias=False)
+        lin.__class__ = backend.Float32SwitchLinear
+        ids = mx.sort(mx.random.randint(0, 4, (96,)))  # experts 0-3, one of them perhaps never chosen
+        x = mx.random.normal((96, 1, in_dims))
+        want = mx.gather_mm(x, lin.weight.swapaxes(-1, -2), rhs_indices=ids, sorted_indices=True)
+        calls.clear()
+        got = lin(x, ids, sorted_indices=True)
+        assert bool(calls) == dense and got.shape == want.shape == (96, 1, out_dims)
+        assert mx.allclose(got, want, atol=1e-4).item()
+        half = lin(x.astype(mx.bfloat16), ids, sorted_indices=True)
+        assert half.dtype == mx.bfloat16 and mx.allclose(half.astype(mx.float32), want, atol=0.1, rtol=0.02).item()
+        assert mx.allclose(lin(x, ids), mx.gather_mm(x, lin.weight.swapaxes(-1, -2), rhs_indices=ids)).item()

@@ -149,3 +149,13 @@ def test_a_failure_on_one_rank_ends_both_with_one_line(tmp_path):
     assert lines == [f"error: rank 1: no such folder: {missing} (pass a checkpoint folder or a Hub repo id like "
                      "org/name)"], err0 + err1
     assert out0 == out1 == ""
+
+
+@pytest.mark.parametrize("command", [["serve", "--port", "0"], ["chat"]])
+def test_commands_that_do_not_run_split_say_so_once(command, tmp_path):
+    argv = [sys.executable, "-m", "mlx_diffusiongemma", *command, "-m", "toy"]
+    (code0, out0, err0), (code1, out1, err1) = launch(tmp_path, [argv, argv])
+    assert (code0, code1) == (1, 1)
+    lines = [line for line in (err0 + err1).splitlines() if not line.startswith("[ring]")]
+    assert lines == [f"error: {command[0]} does not run split across processes yet; start it without mlx.launch "
+                     "(one process, holding the whole model)"], err0 + err1

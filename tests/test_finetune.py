@@ -169,8 +169,10 @@ def test_adapters_round_trip_and_fuse(ckpt, example, tmp_path):
     load_adapters(fresh, tmp_path / "ad")
     assert mx.array_equal(logits(fresh), adapted)
 
-    fuse_lora(fresh)  # the same sums in another order: fp32 rounding only (logits reach about 10)
-    assert mx.allclose(logits(fresh), adapted, rtol=1e-5, atol=1e-5)
+    # The same sums in another order: fp32 rounding only, relative to the largest logit (about 10); 1e-5 of
+    # each logit's own size was too tight for small ones (2.3e-5 off with one draw of the adapters).
+    fuse_lora(fresh)
+    assert mx.abs(logits(fresh) - adapted).max().item() <= 1e-5 * mx.abs(adapted).max().item()
 
 
 def test_finetune_rejects_malformed_line(ckpt, tmp_path):
