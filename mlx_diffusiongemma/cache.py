@@ -48,7 +48,8 @@ class LayerCache:
         if self._pending is not None:
             self._pending = (self._pending[0], k, v)
         keys, values = self._write(k, v)
-        self.offset += k.shape[2]
+        # Rebound, never `+=`: an array offset updated in place would move the positions of ropes made from it.
+        self.offset = self.offset + k.shape[2]
         self.length += k.shape[2]
         if self.keep is not None and self.length > self.keep:
             start = self.length - self.keep
@@ -116,7 +117,8 @@ class ArrayCache:
 
     def append(self, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:
         self.keys, self.values = self.with_canvas(k, v)
-        self.offset += k.shape[2]
+        # Rebound, never `+=`: an array offset updated in place would move the positions of ropes made from it.
+        self.offset = self.offset + k.shape[2]
         return self.keys, self.values
 
     def padding_mask(self, new: int) -> mx.array | None:
