@@ -33,12 +33,12 @@ WEATHER = _tool("get_weather", "Weather in a city", {"city": "string"})
 
 def thought(prompt: str) -> str:
     """A short working note for a task prompt: the operands of an addition, the digits of a sort, the blanks
-    of a sudoku. (Column sums with carries, v2's first note for additions, came out garbled after 2400
-    iterations; the operands are what the toy copies well, as in its tool calls.)"""
+    of a sudoku. (Column sums with carries, v2's first note for additions, came out garbled; the operands
+    are what the toy copies well, as in its tool calls. With the markers an addition's thought is exactly
+    one 24-token canvas, so its answer starts the next one, where the toy's sums are aligned.)"""
     verb, arg = prompt.split(" ", 1)
     if verb == "add":
-        a, b = arg.split("+")
-        return f"adding {a} and {b}"
+        return f"adding {arg}"
     if verb == "sort":
         return f"{len(arg)} digits, lowest {min(arg)}, highest {max(arg)}"
     return f"{arg.count('.')} blanks"

@@ -119,7 +119,7 @@ def test_dialogues_are_what_the_template_renders():
     assert call_text("add 482+037") + "<turn|>" in text
     assert parse_call(call_text("add 482+037")) == {"name": "calculator", "arguments": {"a": 482, "b": 37}}
     assert parse_call("<|tool_call>call:calculator{a:482<tool_call|>") is None
-    assert thought("add 482+037") == "adding 482 and 037"
+    assert thought("add 482+037") == "adding 482+037"
     assert split_thought("<|channel>thought\nx<channel|>0519") == ("x", "0519")
     assert split_thought("0519") == (None, "0519")
     for marker in ("<|channel>", "<channel|>", "<|tool_call>", "<tool_call|>", "<|\"|>", "<|think|>"):
