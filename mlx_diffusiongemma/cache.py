@@ -94,7 +94,7 @@ class ArrayCache:
     apply the sliding window), and `prefix(n, window)` is the cache the decoder would see after only the first
     n positions had been encoded: a causal position's K/V depend only on what precedes it."""
 
-    def __init__(self, keys: mx.array | None = None, values: mx.array | None = None, offset: int = 0):
+    def __init__(self, keys: mx.array | None = None, values: mx.array | None = None, offset: int | mx.array = 0):
         self.keys, self.values, self.offset = keys, values, offset
 
     @property
