@@ -213,3 +213,19 @@ def test_a_finished_row_hands_over_its_whole_conversation(tiny):
             assert (own.length, own.offset) == (want.length, want.offset)
             for got, ref in zip(own.state, want.state):
                 assert mx.allclose(got, ref, atol=1e-4).item()
+
+
+def test_per_row_offsets_stay_put_while_layers_append(tiny_ckpt):
+    """A cache whose offset is one array per row gives the positions an int offset gives, in every layer: each
+    layer's rope holds the offset array, so a cache that advanced it in place (`+=`) shifted every later layer
+    by the prompt's length."""
+    from mlx_diffusiongemma.cache import ArrayCache
+    from mlx_diffusiongemma.loader import load_model
+
+    model = load_model(tiny_ckpt)
+    ids = mx.array([[5, 9, 13, 2, 7, 11], [4, 8, 12, 1, 6, 10]])
+    plain, per_row = [ArrayCache() for _ in model.layers], [ArrayCache(offset=mx.array([0, 0])) for _ in model.layers]
+    model.encode(ids, plain)
+    model.encode(ids, per_row)
+    for a, b in zip(plain, per_row):
+        assert mx.array_equal(a.keys, b.keys)
