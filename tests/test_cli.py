@@ -5,6 +5,7 @@ driven in a real terminal (tmux), where the live canvas view and Ctrl-C are exer
 """
 
 import io
+import json
 import os
 import re
 import shlex
@@ -212,11 +213,13 @@ def test_info_prints_plain_values_context_and_quantization(tmp_path):
     from mlx_diffusiongemma.convert import convert
 
     convert("toy", tmp_path / "toy-q", quantize=True)
+    config = json.loads((ROOT / "mlx_diffusiongemma" / "toy_model" / "config.json").read_text())
+    context, eos = config["text_config"]["max_position_embeddings"], config["eos_token_id"]
     plain, quantized = _cli_many(("info", "--model", "toy"), ("info", "--model", tmp_path / "toy-q"))
     for result in (plain, quantized):
         assert result.returncode == 0, result.stderr
-        assert "context 256" in result.stdout and "dtype float32" in result.stdout
-        assert "eos [1, 106]" in result.stdout and "mlx.core" not in result.stdout
+        assert f"context {context}," in result.stdout and "dtype float32" in result.stdout
+        assert f"eos {eos}" in result.stdout and "mlx.core" not in result.stdout
     assert "not quantized" in plain.stdout
     assert re.search(r"quantized 4-bit affine group 64 \(\d+ modules?\), 8-bit affine group 64 \(\d+ modules?\)",
                      quantized.stdout), quantized.stdout
@@ -451,8 +454,8 @@ def test_toy_generate_prints_no_pad_and_builds_no_sudoku_grids():
                for line in result.stderr.splitlines() if line.startswith("import time:") and "|" in line
                and line.split("|")[0].split(":")[1].strip().isdigit()}
     assert imports.get("mlx_diffusiongemma.tasks", 0) < 200_000, imports.get("mlx_diffusiongemma.tasks")  # µs
-    assert "<pad>" not in result.stdout and result.stdout.strip() == ""
-    assert re.search(r"^Generation: 0 tokens", result.stderr, re.M), result.stderr[-500:]
+    assert "<pad>" not in result.stdout and result.stdout.strip().isdigit(), result.stdout  # toy v2: digits, pads dropped
+    assert re.search(r"^Generation: \d+ tokens", result.stderr, re.M), result.stderr[-500:]
 
 
 def test_live_view_status_line_below_text_returns_cursor(monkeypatch):

@@ -190,15 +190,17 @@ def test_finetune_rejects_malformed_line(ckpt, tmp_path):
 
 
 def test_finetune_refuses_an_example_longer_than_the_context(tmp_path):
-    """The toy model's context is 256 positions: a 600-character answer (one token per character or so) does
-    not fit, and training on it would run the model past the positions it knows. Nothing is written."""
+    """An answer longer than the toy's context (one token per character or so) does not fit, and training on it
+    would run the model past the positions it knows. Nothing is written."""
+    context = json.loads((ROOT / "mlx_diffusiongemma/toy_model/config.json").read_text())["text_config"][
+        "max_position_embeddings"]
     data = tmp_path / "data.jsonl"
-    long = {"prompt": "sort: 3 1 2", "completion": "1 2 3 " * 100}
+    long = {"prompt": "sort: 3 1 2", "completion": "1 2 3 " * (context // 4)}
     data.write_text(json.dumps({"prompt": "sort: 2 1", "completion": "1 2"}) + "\n" + json.dumps(long) + "\n")
     result = _cli("finetune", "--model", "toy", "--data", data, "--iters", 1, "--adapter-path", tmp_path / "ad")
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "line 2" in lines[0] and "context of 256" in lines[0], result.stderr
+    assert len(lines) == 1 and "line 2" in lines[0] and f"context of {context}" in lines[0], result.stderr
     assert not (tmp_path / "ad").exists()
 
 
