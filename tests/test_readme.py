@@ -25,11 +25,15 @@ The `mlx-diffusiongemma serve` command runs for as long as it is let, so it is n
 need it; its block passes when that server answers `/health`, the blocks that call it (curl, `openai`) run
 against it, and it must exit 0 on SIGTERM at the end.
 
+Blocks run two at a time, but `mlx.launch` commands one at a time: local launches share the ring backend's
+default ports.
+
 A command passes when it exits 0 with no traceback and no `error:` line on stderr.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
 import os
@@ -40,6 +44,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -63,6 +68,9 @@ COMMAND_WORDS = ("mlx-diffusiongemma", "python", "pip", "pytest", "from ", "impo
 RELEASED_CONTEXT = 262144
 SERVE = re.compile(r"^mlx-diffusiongemma serve\b")
 SERVE_ADDRESS = "localhost:8080"
+# Two local `mlx.launch -n 2` runs both take the ring backend's default ports (32323 on), so blocks that run
+# side by side take turns for their launches, as a user typing them one after another would.
+LAUNCH_TURN = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -114,10 +122,17 @@ def _append(*extra: str, unless: str | None = None):
     return lambda words: words + ([] if unless and unless in words else list(extra))
 
 
+def _geometry(typed: str, run: str):
+    return lambda words: [(run if a == typed and words[i - 1] == "--random" else a) for i, a in enumerate(words)]
+
+
 EXCEPTIONS = [
     Exception_(r"^mlx-diffusiongemma bench .*--random full\b",
-               lambda w: [("tiny" if a == "full" and w[i - 1] == "--random" else a) for i, a in enumerate(w)],
+               _geometry("full", "tiny"),
                "the 26B geometry builds ~15 GB of random weights for minutes: the same flags on `--random tiny`"),
+    Exception_(r"^mlx-diffusiongemma bench .*--random medium\b",
+               _geometry("medium", "small"),
+               "4 rows of the medium geometry took 9.5 minutes here even at 2 steps: the same flags on `--random small`"),
     Exception_(r"^mlx-diffusiongemma bench\b", _append("--steps", "2", "--repeat", "1"),
                "timing runs (`--random small --steps 16` took 105 s here): one run of 2 steps checks the command"),
     Exception_(r"^mlx-diffusiongemma finetune\b", _append("--iters", "4"),
@@ -127,6 +142,9 @@ EXCEPTIONS = [
     Exception_(r"^(python|.*mlx\.launch .*) scripts/train_toy\.py\b",
                _append("--eval-prompts", "2", unless="--eval-prompts"),
                "the held-out evaluation of 500 prompts per task: 2 per task"),
+    Exception_(r"^(python|.*mlx\.launch .*) scripts/train_toy\.py\b.*--conversation-prompts\b",
+               _append("--conversation-prompts", "2"),
+               "the 200 held-out conversations per task and kind (9 minutes on 2 processes here): 2 (the last flag wins)"),
 ]
 # `pip install SPEC && ...` (installing needs the network and would change this environment) and `pytest`
 # (the suite cannot run itself) are checked, not run: see `_check_pip_install` and `_check_pytest`.
@@ -262,9 +280,10 @@ def run_block(block: Block, stand_ins: dict[str, Path], server: str | None = Non
         if argv is None:
             out.append((label, 0.0, None))
             continue
-        tic = time.perf_counter()
-        result = subprocess.run(argv, cwd=work, env=env, stdin=subprocess.DEVNULL, capture_output=True,
-                                text=True, timeout=600)
+        with LAUNCH_TURN if "mlx.launch" in label else contextlib.nullcontext():
+            tic = time.perf_counter()
+            result = subprocess.run(argv, cwd=work, env=env, stdin=subprocess.DEVNULL, capture_output=True,
+                                    text=True, timeout=600)
         out.append((label, time.perf_counter() - tic, _failure(result)))
         if out[-1][2]:
             break

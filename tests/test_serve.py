@@ -17,6 +17,7 @@ import httpx
 import openai
 import pytest
 
+from mlx_diffusiongemma.checkpoint import TOY_PATH
 from mlx_diffusiongemma.dialogues import CALCULATOR
 from serving import Server, endless_toy
 
@@ -184,7 +185,9 @@ def test_bad_inputs_get_openai_errors(server):
         assert error["message"] and error["type"] and "Traceback" not in r.text
         if param is not None:
             assert error["param"] == param, (body, error)
-    context = {"model": "toy", "messages": _user("x" * 200), "max_tokens": 96}
+    # a prompt that fits the toy's context (a token per "x") but leaves no room for four 24-token canvases
+    fits = json.loads((TOY_PATH / "config.json").read_text())["text_config"]["max_position_embeddings"] - 50
+    context = {"model": "toy", "messages": _user("x" * fits), "max_tokens": 96}
     r = httpx.post(server.url + CHAT, json=context, timeout=30)
     assert (r.status_code, r.json()["error"]["code"]) == (400, "context_length_exceeded")
     huge = httpx.post(server.url + CHAT, content=b"{" + b" " * (5 << 20) + b"}", timeout=30)
