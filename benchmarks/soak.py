@@ -4,14 +4,15 @@
     python benchmarks/soak.py --skip-medium         # the toy soak only (about a minute)
 
 Toy soak: the real `serve` command (a subprocess on 127.0.0.1, a free port) gets `--warm-up` requests (8, not
-counted), then `--requests` chat requests (default 200) from `--clients` concurrent clients (4): held-out toy prompts, every other one streamed, and one
-client in ten hangs up after the first chunk of a streamed reply. It reports unintended errors (anything but
-those hang-ups: a non-200 status, an error event, a broken stream), the median latency of the first and the
-last 50 completed requests, and the server's resident memory after the first 50 requests and at the end.
-Targets: no unintended error, last-50 median within 10% of first-50, RSS growth under 5%. The server's prompt
-cache is bounded at `--prompt-cache-mb` (4): each toy request stores about 90 KB of prefixes, so it is full by
-the 50th request and then evicts; at the default bound (1 GB) it would still be filling, legitimately, at the
-end, and RSS growth would measure the fill rather than a leak.
+counted), then `--requests` chat requests (default 200) from `--clients` concurrent clients (4): held-out toy
+prompts of the three tasks in turn, every other one streamed, and one client in ten hangs up after the first
+chunk of a streamed reply. It reports unintended errors (anything but those hang-ups: a non-200 status, an
+error event, a broken stream), the median latency of the first and the last 50 completed requests, and the
+server's resident memory after the first 50 requests and at the end. Targets: no unintended error, last-50
+median within 10% of first-50, RSS growth under 5%. The server's prompt cache is bounded at
+`--prompt-cache-mb` (4): each toy request stores about 80 KB of prefixes, so it is full by about the 50th
+request and then evicts; at the default bound (1 GB) it would still be filling, legitimately, at the end, and
+RSS growth would measure the fill rather than a leak.
 
 Medium throughput: the server's app and engine in this process (uvicorn in a thread, still loopback HTTP) over
 the random "medium" geometry (fp32; hidden 512, 6 layers, 16 experts, vocab 32000, canvas 256) with a fixed
@@ -207,7 +208,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--medium-requests", type=int, default=2, help="completions per client on medium")
     parser.add_argument("--prompt-cache-mb", type=int, default=4,
-                        help="the toy server's prompt cache bound (its default, 1 GB, would fill for 20,000 requests)")
+                        help="the toy server's prompt cache bound (its default, 1 GB, would fill for ~13,000 requests)")
     parser.add_argument("--warm-up", type=int, default=8, help="toy requests sent first and not counted")
     parser.add_argument("--skip-medium", action="store_true")
     parser.add_argument("--skip-toy", action="store_true")
