@@ -317,7 +317,8 @@ def main_with(args) -> int:
                          shares={k: v for k, v in (("thinking_share", args.thinking_share),
                                                    ("tools_share", args.tools_share)) if v is not None})}
         metrics = {"blas": blas, "data": "mlx_diffusiongemma/tasks.py (fresh prompts every batch, held-out ones "
-                   "skipped)", "stages": stages + [stage], "seconds": sum(s["seconds"] for s in stages + [stage])}
+                   "skipped)", "stages": stages + [stage],
+                   "seconds": round(sum(s["seconds"] for s in stages + [stage]), 1)}
         if rank:  # rank 0 holds the same weights and writes them
             return 0
         write_trained(model, initial, staged)
