@@ -6,13 +6,15 @@
 Toy soak: the real `serve` command (a subprocess on 127.0.0.1, a free port) gets `--warm-up` requests (8, not
 counted), then `--requests` chat requests (default 200) from `--clients` concurrent clients (4): held-out toy
 prompts of the three tasks in turn, every other one streamed, and one client in ten hangs up after the first
-chunk of a streamed reply. It reports unintended errors (anything but those hang-ups: a non-200 status, an
-error event, a broken stream), the median latency of the first and the last 50 completed requests, and the
-server's resident memory after the first 50 requests and at the end. Targets: no unintended error, last-50
-median within 10% of first-50, RSS growth under 5%. The server's prompt cache is bounded at
-`--prompt-cache-mb` (4): each toy request stores about 80 KB of prefixes, so it is full by about the 50th
-request and then evicts; at the default bound (1 GB) it would still be filling, legitimately, at the end, and
-RSS growth would measure the fill rather than a leak.
+chunk of a streamed reply; the last 56 requests repeat the first 56 exactly (prompt, seed, streaming,
+hang-ups), so the first and the last 50 completed ones ask the same work. It reports unintended errors
+(anything but those hang-ups: a non-200 status, an error event, a broken stream), the median latency of the
+first and the last 50 completed requests, and the server's resident memory after the first 50 requests and
+at the end. Targets: no unintended error, last-50 median within 10% of first-50, RSS growth under 5%. The
+server's prompt cache is bounded at `--prompt-cache-mb` (4): each toy request stores about 80 KB of prefixes,
+so it is full by about the 50th request and then evicts (the repeated requests find their first run's
+prefixes gone); at the default bound (1 GB) it would still be filling, legitimately, at the end, and RSS
+growth would measure the fill rather than a leak.
 
 Medium throughput: the server's app and engine in this process (uvicorn in a thread, still loopback HTTP) over
 the random "medium" geometry (fp32; hidden 512, 6 layers, 16 experts, vocab 32000, canvas 256) with a fixed
@@ -99,12 +101,20 @@ def hang_up_early(url: str, i: int, prompt: str) -> tuple[str, float]:
     return "hung up", time.perf_counter() - tic
 
 
+def hangs_up(j: int) -> bool:
+    """Whether request j is one of the one-in-ten clients that hang up mid-stream."""
+    return j % 10 == 5
+
+
 def toy_soak(args) -> dict:
     from mlx_diffusiongemma.toy import held_out
 
-    # Tasks in turn (add, sort, sudoku, add, ...): the first and the last 50 requests then ask the same mix of
-    # work (a sudoku costs more than a sort), so their latencies compare the server, not the draw of prompts.
+    # Tasks in turn (add, sort, sudoku, add, ...), and the last requests repeat the first ones exactly (prompt,
+    # seed, streaming, hang-up): the first and the last 50 completed requests are then the same work (one
+    # sudoku costs more than another, one sort more canvases), so their latencies compare the server's state.
     prompts = [p for trio in zip(*(held_out(task, 100) for task in ("add", "sort", "sudoku"))) for p, _ in trio]
+    window = next(n for n in range(1, 10**4) if sum(not hangs_up(j) for j in range(n)) == 50)
+    repeat_from = max(args.requests - window, window)
     port = free_port()
     url = f"http://{HOST}:{port}"
     proc = subprocess.Popen([sys.executable, "-m", "mlx_diffusiongemma", "serve", "--model", "toy", "--host", HOST,
@@ -119,11 +129,12 @@ def toy_soak(args) -> dict:
         rss: dict[str, float] = {"start": rss_mb(proc.pid)}
 
         def run(i: int) -> None:
-            prompt = prompts[i % len(prompts)]
-            if i % 10 == 5:
-                outcome = hang_up_early(url, i, prompt)
+            j = i - repeat_from if i >= repeat_from else i  # which request this one asks
+            prompt = prompts[j % len(prompts)]
+            if hangs_up(j):
+                outcome = hang_up_early(url, j, prompt)
             else:
-                outcome = one_request(url, i, prompt, stream=i % 2 == 1, hang_up=False)
+                outcome = one_request(url, j, prompt, stream=j % 2 == 1, hang_up=False)
             results.append((i, *outcome))
             if len(results) == 50:
                 rss["after 50"] = rss_mb(proc.pid)
