@@ -315,7 +315,8 @@ def main_with(args) -> int:
                  **train(model, tokenizer, iters=args.iters, batch_size=args.batch_size, lr=args.learning_rate,
                          seed=args.seed, tasks=args.tasks, single=args.data == "single", log=log,
                          shares={k: v for k, v in (("thinking_share", args.thinking_share),
-                                                   ("tools_share", args.tools_share)) if v is not None})}
+                                                   ("tools_share", args.tools_share),
+                                                   ("zero_calls", args.zero_calls)) if v is not None})}
         metrics = {"blas": blas, "data": "mlx_diffusiongemma/tasks.py (fresh prompts every batch, held-out ones "
                    "skipped)", "stages": stages + [stage],
                    "seconds": round(sum(s["seconds"] for s in stages + [stage]), 1)}
@@ -344,6 +345,8 @@ def main() -> None:
                     help="dialogues (v2): earlier turns, thinking and tool calls; single: one-turn prompts (v1)")
     ap.add_argument("--thinking-share", type=float, help="share of dialogues with thinking on (default 0.3)")
     ap.add_argument("--tools-share", type=float, help="share of dialogues that declare tools (default 0.35)")
+    ap.add_argument("--zero-calls", type=float,
+                    help="share of tool-call dialogues whose addition has an operand under 100 (default: as drawn)")
     ap.add_argument("--sliding-window", type=int,
                     help=f"the sliding layers' window (default: the resumed folder's, else {SLIDING_WINDOW})")
     ap.add_argument("--resume-from", type=Path, help="continue from a folder this script wrote (a later stage)")

@@ -17,7 +17,7 @@ from checkpoints import load_reference
 from mlx_diffusiongemma.loader import load
 from mlx_diffusiongemma.tasks import GRIDS, TASKS, examples
 from mlx_diffusiongemma.dialogues import (
-    CALCULATOR, call_message, call_text, make_dialogue, parse_call, split_thought, thought,
+    CALCULATOR, call_message, call_text, make_dialogue, operands, parse_call, split_thought, think_wrap, thought,
 )
 from mlx_diffusiongemma.toy import (
     TOY_PATH, evaluate, evaluate_thinking, evaluate_tools, evaluate_turns, held_out, held_out_prompts,
@@ -133,6 +133,26 @@ def test_dialogues_are_what_the_template_renders():
     declared = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tools=[CALCULATOR],
                                              tokenize=False)
     assert "<|tool>declaration:calculator{" in declared
+
+
+def test_thoughts_end_on_a_canvas_boundary_and_calls_lean_to_leading_zeros():
+    """An addition's and a sudoku's thought fill exactly one canvas, so the answer starts the next (a grid
+    split across canvases is solved less often); `zero_calls` draws tool calls with an operand under 100."""
+    model, tokenizer = load("toy")
+    for task in ("add", "sudoku"):
+        for prompt, _ in held_out(task, 20):
+            ids = tokenizer.encode(think_wrap(thought(prompt), ""), add_special_tokens=False)
+            assert len(ids) == model.args.canvas_length, (prompt, thought(prompt))
+    assert thought("sudoku 4..2/.234/..../3..1") == "blanks 2,1,4,2"
+
+    for share, low, high in ((0.0, 0.1, 0.3), (1.0, 1.0, 1.0)):
+        rng = random.Random(3)
+        drawn = [make_dialogue(rng, task="add", thinking=False, tools=[CALCULATOR], zero_calls=share)
+                 for _ in range(400)]
+        drawn = [d for d in drawn if d.kind == "call"]
+        zeros = sum(min(operands(d.prompt).values()) < 100 for d in drawn) / len(drawn)
+        assert low <= zeros <= high, (share, zeros)
+        assert all(d.messages[-1]["content"] == d.prompt and d.target == call_text(d.prompt) for d in drawn)
 
 
 def test_toy_converses_thinks_and_calls_tools(toy):
