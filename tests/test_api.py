@@ -221,12 +221,12 @@ def test_public_names_stay_the_functions_however_imported(code):
 
 
 def test_pad_and_control_tokens_are_never_text(tiny):
-    """The toy pads its canvas for an out-of-task prompt (a bare "add" has no operands, and toy v2 writes
-    pads between digits); pads are no text and no generated tokens."""
+    """The toy pads its canvas for an out-of-task prompt (a bare "sudoku" has no grid, and the shipped toy
+    writes pads between digits); pads are no text and no generated tokens."""
     model, tokenizer = load("toy")
     inner = tokenizer._tokenizer
     never = {inner.pad_token_id, inner.bos_token_id, inner.unk_token_id, inner.mask_token_id}
-    responses = list(stream_generate(model, tokenizer, "add", max_tokens=24, seed=0,
+    responses = list(stream_generate(model, tokenizer, "sudoku", max_tokens=24, seed=0,
                                      draft_preview=True))
     committed = [r.draft for r in responses if r.draft is not None][-1]
     eos = set(tokenizer.eos_token_ids)

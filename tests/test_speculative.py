@@ -142,10 +142,12 @@ def test_toy_speculative_equals_greedy_and_reports_acceptance(toy):
     eos = [1, 106]
     for prompt in ("sort 70193", "add 482+037", "sudoku 1.3./3..2/.1.3/4..."):
         ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
-        want = greedy_ar(model, ids, 24, eos)
+        # Room for a thought (the template's thinking is on by default) and the answer: a reply that ends in EOS.
+        want = greedy_ar(model, ids, 72, eos)
+        assert want[-1] in eos, tokenizer.decode(want)
         for name in ("speculative", "reference"):
             drafter = resolve_drafter(name, model.generation_config, 24, {"verify": "ar"})
-            responses = list(stream_generate(model, tokenizer, ids, drafter=drafter, max_tokens=24, seed=3))
+            responses = list(stream_generate(model, tokenizer, ids, drafter=drafter, max_tokens=72, seed=3))
             last = responses[-1]
             assert "".join(r.text for r in responses) == tokenizer.decode(want[:-1]), (prompt, name)
             assert last.finish_reason == "stop"
