@@ -2,7 +2,7 @@
 
 `cmeel-openblas` (with the system's libgfortran5) installs `libopenblas.so.0`; a script that calls
 `reexec_with_openblas()` first re-runs itself once with it in LD_PRELOAD, so every MLX matmul in the process
-uses it. Without the package nothing changes.
+uses it. Without the package, or when it cannot run here, nothing changes.
 """
 
 from __future__ import annotations
@@ -21,9 +21,23 @@ def openblas_library() -> str | None:
 
     for base in site.getsitepackages():
         lib = Path(base) / "cmeel.prefix" / "lib" / "libopenblas.so.0"
-        if lib.exists():
+        if lib.exists() and _loads(lib):
             return str(lib)
     return None
+
+
+def _loads(lib: Path) -> bool:
+    """Preloading a library that cannot run here (no libgfortran5; cmeel-openblas 0.3.31 dies of SIGILL on some
+    AMD CPUs) kills every exec'd process, so one small matmul tries it in a child process first."""
+    import subprocess
+
+    probe = "import mlx.core as mx; mx.eval(mx.ones((64, 64)) @ mx.ones((64, 64)))"
+    env = {**os.environ, "LD_PRELOAD": str(lib)}
+    done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True)
+    if done.returncode:
+        print(f"OpenBLAS not used: a matmul with {lib.name} preloaded exited with {done.returncode} "
+              f"({done.stderr.strip()[-200:] or 'no message'})", file=sys.stderr)
+    return done.returncode == 0
 
 
 def reexec_with_openblas(enabled: bool = True) -> str:

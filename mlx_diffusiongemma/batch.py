@@ -1,10 +1,11 @@
-"""Batched denoising: several requests share every decoder and commit pass (continuous batching).
+"""Batched denoising: several requests share every decoder pass (continuous, iteration-level batching).
 
-Each request is prefilled alone (exactly the unbatched math), then joins the batch cache at a canvas
-boundary; all rows draft one canvas together and commit together; rows that reach EOS or their token budget
-leave, and waiting requests join. Every row draws from its own random stream in the order a lone run
-would, and a row whose adaptive stop fires is frozen while the others go on, so a request's text never
-depends on what else is in the batch. Only `verify: "none"`: the speculative commit is one sequence at a time.
+Each request is prefilled alone (exactly the unbatched math) and joins the batch at the next decoder pass;
+every row runs its own canvas schedule (step count, temperature, adaptive stop), so rows join and leave at
+any pass instead of waiting for the slowest row's canvas. A row whose canvas is done commits at once and
+encodes the canvas alone (`BatchLayerCache.row_view`) while the others go on drafting. Every row draws from
+its own random stream in the order a lone run would, so a request's text never depends on what else is in
+the batch. Only `verify: "none"`: the speculative commit is one sequence at a time.
 """
 
 from __future__ import annotations
@@ -23,14 +24,13 @@ from mlx_lm.generate import wired_limit
 
 from . import sampler
 from .backend import select
-from .batch_cache import BatchLayerCache, BatchNoise
-from .cache import LayerCache
+from .batch_cache import BatchLayerCache
 from .drafter import DrafterConfig, drafter_for
 from .errors import DiffusionGemmaError, DrafterConfigError
 from .hidden import hidden_token_ids
 from .generate import (
     PREFILL_STEP, DenoiseEvent, GenerationResponse, Progress, _new_tokens, _pad_id, _snapshot, check_max_tokens,
-    denoise_canvas, prefill, prompt_to_ids,
+    draft_pass, prefill, prompt_to_ids,
 )
 from .generate import eos_ids as model_eos_ids  # (BatchDenoiser takes an `eos_ids` list)
 from .model import SLIDING, Model, ModelArgs
@@ -66,11 +66,19 @@ class _Row:
     activation_bytes: int
     generated: int = 0  # tokens committed that count against `max_tokens`
     canvases: int = 0
-    pending: list[int] | None = None  # the last committed canvas, encoded when the next one starts
     encoded: list[int] | None = None  # the committed canvases written to the cache after the prompt
     start: list | None = None  # a cache already holding the first `cached` ids (a reused prefix)
     cached: int = 0
     drafts: bool = False  # yield a "draft" event after every decoder pass
+    # The canvas being drafted: passes left (the schedule's step, counting down), the next pass's input, its
+    # self-conditioning, the latest argmax, the stop test's history, passes run, and whether it stopped.
+    n: int = 0
+    x: mx.array | None = None
+    sc: mx.array | None = None
+    argmax: mx.array | None = None
+    history: tuple = ()
+    steps: int = 0
+    stop: mx.array | None = None
 
 
 def check_batch_drafter(name: str, verify: str) -> None:
@@ -83,11 +91,11 @@ def check_batch_drafter(name: str, verify: str) -> None:
 
 
 class BatchDenoiser:
-    """The engine, on token ids: `submit` requests at any time; each `step` runs one canvas for the batch.
+    """The engine, on token ids: `submit` requests at any time; each `step` runs one decoder pass for the batch.
 
     `step` yields `(request id, DenoiseEvent)` as things happen: "admit" (a request leaves the queue; its
-    prefill starts), "encode" (its prompt, later each committed canvas), "commit" (`finished`: this is its
-    last canvas). A request leaves after the commit that reaches EOS or its `max_tokens`. `memory_budget` (bytes,
+    prefill starts), "encode" (its prompt, later each committed canvas), "draft" (rows submitted with
+    `drafts`), "commit" (a row's canvas is done; `finished`: it was its last). A request leaves after the commit that reaches EOS or its `max_tokens`. `memory_budget` (bytes,
     see `request_bytes`; weights not included) and `max_batch` bound the batch; a request that does not fit
     waits in the queue until rows leave. `cancel` lets a request go at the next decoder pass. `prefilled(id,
     cache)`, when set, is handed each request's own cache right after its prefill (before it joins the batch);
@@ -112,6 +120,8 @@ class BatchDenoiser:
         self.finished: Callable[[int, list, list[int]], None] | None = None
         self.cancelled: set[int] = set()  # asked to stop, not yet removed
         self.dropped: list[int] = []  # removed after a cancel (the caller clears it)
+        self.passes = self.commit_passes = 0  # decoder passes run; canvases encoded (one row each)
+        self.commit_seconds = 0.0
 
     def submit(self, ids: Sequence[int], noise: NoiseSource, max_tokens: int, *, start: list | None = None,
                cached: int = 0, drafts: bool = False) -> int:
@@ -141,26 +151,24 @@ class BatchDenoiser:
         """Let a request go at the next decoder pass, with its memory (safe to call from another thread)."""
         self.cancelled.add(request)  # one atomic set insertion: the engine's thread does the rest
 
-    def _drop_cancelled(self, noise: BatchNoise | None = None) -> list[int] | None:
-        """Remove cancelled requests (queued or running); returns the rows kept (None when no row changed)."""
+    def _drop_cancelled(self) -> None:
+        """Remove cancelled requests, queued or running."""
         if not self.cancelled:
-            return None
+            return
         gone = set(self.cancelled)
         self.cancelled -= gone
         self.dropped += [row.id for row in [*self.queue, *self.rows] if row.id in gone]
         self.queue = deque(row for row in self.queue if row.id not in gone)
-        keep = [r for r, row in enumerate(self.rows) if row.id not in gone]
-        if len(keep) == len(self.rows):
-            return None
-        for layer in self.cache:
-            layer.keep_rows(keep)
-        if noise is not None:
-            noise.keep_rows(keep)
-        self.rows = [self.rows[r] for r in keep]
-        return keep
+        self._keep([r for r, row in enumerate(self.rows) if row.id not in gone])
+
+    def _keep(self, keep: list[int]) -> None:
+        if len(keep) < len(self.rows):
+            for layer in self.cache:
+                layer.keep_rows(keep)
+            self.rows = [self.rows[r] for r in keep]
 
     def batch_bytes(self, rows: Sequence[_Row] | None = None) -> int:
-        """Estimated memory of a batch: right-aligned rows each span the longest row's cache."""
+        """Estimated memory of a batch: aligned rows each span about the longest row's cache."""
         rows = self.rows if rows is None else rows
         return len(rows) * max((r.kv_bytes for r in rows), default=0) + sum(r.activation_bytes for r in rows)
 
@@ -168,6 +176,11 @@ class BatchDenoiser:
         if self.max_batch is not None and len(self.rows) >= self.max_batch:
             return False
         return self.memory_budget is None or self.batch_bytes([*self.rows, row]) <= self.memory_budget
+
+    def _new_canvas(self, row: _Row) -> None:
+        C, V = self.drafter.canvas_length, self.model.args.vocab_size
+        row.n, row.x, row.sc, row.argmax = self.drafter.max_denoising_steps, row.noise.randint((1, C), V), None, None
+        row.history, row.steps, row.stop = (), 0, None
 
     # The state is consistent at every yield, so a caller may stop iterating a step at any event.
     def _admit(self) -> Iterator[tuple[int, DenoiseEvent]]:
@@ -183,76 +196,85 @@ class BatchDenoiser:
                 self.prefilled(row.id, cache)
             for batch_layer, layer in zip(self.cache, cache):
                 batch_layer.join(layer)
+            self._new_canvas(row)
             self.rows.append(self.queue.popleft())
             yield row.id, DenoiseEvent("encode", ids, 0, 0)
 
-    def _encode_pending(self) -> Iterator[tuple[int, DenoiseEvent]]:
-        if not self.rows:
-            return
-        committed = mx.array([row.pending for row in self.rows])
-        self.model.encode(committed, self.cache)
-        mx.eval([c.keys for c in self.cache])
-        for row in self.rows:
-            row.encoded = [*(row.encoded or []), *row.pending]
-            row.pending = None
-        for r, row in enumerate(self.rows):
-            yield row.id, DenoiseEvent("encode", committed[r : r + 1], row.canvases, 0)
+    def _self_conditioning(self) -> mx.array | None:
+        """The rows' self-conditioning probabilities; a row on its canvas's first pass has none, and zeros
+        add exactly nothing (the self-conditioning MLP has no biases and maps 0 to 0)."""
+        if all(row.sc is None for row in self.rows):
+            return None
+        shape = (1, self.drafter.canvas_length, self.model.args.vocab_size)
+        return mx.concatenate([mx.zeros(shape, self.model.dtype) if row.sc is None else row.sc for row in self.rows])
 
     def step(self) -> Iterator[tuple[int, DenoiseEvent]]:
-        """Encode the last canvases, admit what fits, draft and commit one canvas, let finished rows go."""
+        """Admit what fits, run one decoder pass for every row, commit the rows whose canvas is done."""
         self._drop_cancelled()
-        yield from self._encode_pending()
         yield from self._admit()
         self._drop_cancelled()
         if not self.rows:
             return
-        noise = BatchNoise([row.noise for row in self.rows])
-        argmax, steps = None, 0
-        for argmax, steps in denoise_canvas(self.model, self.cache, self.drafter, noise, len(self.rows),
-                                            stopped=noise.freeze, backend=self.backend,
-                                            drop=lambda: self._drop_cancelled(noise)):
-            for r, row in enumerate(self.rows):
-                if row.drafts:
-                    yield row.id, DenoiseEvent("draft", argmax[r : r + 1], row.canvases, steps)
-        if not self.rows:
-            return
-        committed, has_eos = sampler.finalize_eos(argmax, self.eos_ids, self.pad_id)
-        mx.eval(committed, has_eos)
-        events, stay = [], []
-        for r, row in enumerate(self.rows):
-            canvas = committed[r].tolist()
-            new, hit_eos = _new_tokens(canvas, self.eos_ids, row.max_tokens - row.generated)
+        self.passes += 1
+        x = mx.concatenate([row.x for row in self.rows])
+        logits = self.model.decode(x, self.cache, self_conditioning_probs=self._self_conditioning(),
+                                   softcap_kernel=self.backend.softcap)
+        d = self.drafter
+        for r, row in enumerate(self.rows):  # each row's own step of its own schedule, as a lone run takes it
+            row.x, row.argmax, row.sc, ent = draft_pass(logits[r : r + 1], row.n, d, row.noise, self.backend,
+                                                        self.model.dtype)
+            if d.adaptive_stop and row.n > 1:
+                row.stop, row.history = sampler.stop_test(row.argmax, row.history, ent, d.stability_threshold,
+                                                          d.confidence_threshold)
+            row.n, row.steps = row.n - 1, row.steps + 1
+        mx.eval([a for row in self.rows for a in (row.x, row.argmax, row.sc, row.stop) if a is not None])
+        for row in self.rows:
+            if row.drafts:
+                yield row.id, DenoiseEvent("draft", row.argmax, row.canvases, row.steps)
+        done = [r for r, row in enumerate(self.rows) if row.n == 0 or (row.stop is not None and row.stop.item())]
+        if done:
+            yield from self._commit(done)
+
+    def _commit(self, done: list[int]) -> Iterator[tuple[int, DenoiseEvent]]:
+        """Commit these rows' canvases: a row that reached EOS or its budget leaves, the others encode theirs
+        (alone, at the positions it was drafted at) and start their next canvas."""
+        events, leave = [], set()
+        for r in done:
+            row = self.rows[r]
+            committed, _ = sampler.finalize_eos(row.argmax, self.eos_ids, self.pad_id)
+            canvas = committed[0].tolist()
             room = row.max_tokens - row.generated
+            new, hit_eos = _new_tokens(canvas, self.eos_ids, room)
             row.generated += len(new)
             leaves = hit_eos or row.generated >= row.max_tokens
             if leaves and self.finished is not None:
                 end = next((i + 1 for i, t in enumerate(canvas) if t in self.eos_ids), None) if hit_eos else room
                 self._hand_over(r, row, canvas[:end])
-            events.append((row.id, DenoiseEvent("commit", committed[r : r + 1], row.canvases,
-                                                noise.stopped_at[r] or steps, mx.array([leaves]))))
+            events.append((row.id, DenoiseEvent("commit", committed, row.canvases, row.steps, mx.array([leaves]))))
             row.canvases += 1
-            if not leaves:
-                row.pending = canvas
-                stay.append(r)
-        if len(stay) < len(self.rows):
-            for layer in self.cache:
-                layer.keep_rows(stay)
-            self.rows = [self.rows[r] for r in stay]
+            if leaves:
+                leave.add(r)
+                continue
+            self._encode_row(r, canvas)
+            row.encoded = [*(row.encoded or []), *canvas]
+            self._new_canvas(row)
+            events.append((row.id, DenoiseEvent("encode", committed, row.canvases, 0)))
+        self._keep([r for r in range(len(self.rows)) if r not in leave])
         yield from events
 
+    def _encode_row(self, r: int, tokens: list[int]) -> None:
+        tic = time.perf_counter()
+        views = [layer.row_view(r) for layer in self.cache]
+        self.model.encode(mx.array([tokens]), views)
+        for layer, view in zip(self.cache, views):
+            layer.put_row(r, view)
+        mx.eval([c.keys for c in self.cache] + [c.values for c in self.cache])
+        self.commit_passes, self.commit_seconds = self.commit_passes + 1, self.commit_seconds + time.perf_counter() - tic
 
     def _hand_over(self, r: int, row: _Row, tail: list[int]) -> None:
-        """Copy row r's cache out of the batch, encode the reply's `tail` (its last canvas, never encoded in
-        the batch) into the copy, and hand it to `finished` with the ids it holds."""
-        cache = []
-        for layer in self.cache:
-            own = LayerCache()
-            own.keep, left = layer.keep, layer.left[r]
-            # Exactly as long as what it holds: the first append allocates, the batch's buffers are never written.
-            own.keys = layer.keys[r : r + 1, :, left : layer.length, :]
-            own.values = layer.values[r : r + 1, :, left : layer.length, :]
-            own.length, own.offset = layer.length - left, layer.offsets[r]
-            cache.append(own)
+        """Hand `finished` a cache of row r's own, with the reply's `tail` (its last canvas, never encoded in
+        the batch) encoded into it, and the ids it holds."""
+        cache = [layer.row_view(r) for layer in self.cache]
         if tail:
             self.model.encode(mx.array([tail]), cache)
             mx.eval([c.keys for c in cache] + [c.values for c in cache])
@@ -260,7 +282,8 @@ class BatchDenoiser:
 
 
 class BatchGenerator:
-    """Continuous batching over prompts: `submit` at any time; each `step` yields the responses of one canvas.
+    """Continuous batching over prompts: `submit` at any time; each `step` runs one decoder pass for the batch
+    and yields the responses of the canvases it completed.
 
     Responses carry the same text and statistics `stream_generate` gives the same prompt and seed (timings
     are the request's own, while it shared the passes). Used by `stream_batch` and `batch_generate`.
@@ -280,8 +303,8 @@ class BatchGenerator:
                seed: int | None = None, chat_template: bool = True,
                chat_template_kwargs: dict[str, Any] | None = None, prefix: tuple[list, int] | None = None,
                draft_preview: bool = False) -> int:
-        """Queue a prompt (as for `stream_generate`); returns its request id. It joins at the next step that
-        has room for it. `prefix`: `(cache, n)`, a cache holding the first n prompt tokens (reused, not
+        """Queue a prompt (as for `stream_generate`); returns its request id. It joins at the next step (decoder
+        pass) that has room for it. `prefix`: `(cache, n)`, a cache holding the first n prompt tokens (reused, not
         encoded again); `draft_preview`: also yield a response with `draft` set after every decoder pass."""
         seed = secrets.randbits(31) if seed is None else seed
         ids = prompt_to_ids(self.tokenizer, prompt, chat_template, chat_template_kwargs)
@@ -304,8 +327,8 @@ class BatchGenerator:
         self.engine.cancel(request)
 
     def step(self) -> Iterator[tuple[int, GenerationResponse]]:
-        """One canvas for the batch: yields `(request id, response)` per row as it commits; a response with
-        `finish_reason` set is the request's last. Draft previews come as they happen: a caller that stops
+        """One decoder pass for the batch: yields `(request id, response)` per row that commits a canvas; a
+        response with `finish_reason` set is the request's last. Draft previews come as they happen: a caller that stops
         iterating must not do so at one of those."""
         responses = []  # yielded once the step is over: a caller may stop iterating at any response
         for request, event in self.engine.step():

@@ -1,17 +1,17 @@
-"""The batch engine's bookkeeping: a KV cache whose rows hold different lengths, and per-row random streams.
+"""The batch engine's KV cache: rows of different lengths in one buffer, each encoding on its own schedule.
 
-Rows are right-aligned: every row's newest position sits in the same slot, and a row that has encoded fewer
-positions than the longest has `left[r]` invalid (zero) slots at the front, which `padding_mask` hides from
-attention. Each row keeps its own position offset, so RoPE sees exactly the positions a lone run would.
+Row r holds its retained positions in slots `[lo[r], hi[r])` of a shared `[B, kv_heads, length, head_dim]`
+buffer; the slots outside a row's span are invisible to it (`padding_mask`). Rows commit canvases at
+different decoder passes, so a row encodes alone: `row_view` is a one-row `LayerCache` of its span and
+`put_row` writes back what an encode added, leaving every other row as it was. Each row keeps its own
+position offset, so RoPE sees exactly the positions a lone run would.
 """
 
 from __future__ import annotations
 
 import mlx.core as mx
 
-from .backend import select
 from .cache import _STEP, LayerCache
-from .noise import MLXNoise, NoiseSource
 
 
 def _capacity(n: int) -> int:
@@ -19,11 +19,9 @@ def _capacity(n: int) -> int:
 
 
 class BatchLayerCache(LayerCache):
-    """One layer's K/V for a batch of rows of different lengths (see the module docstring).
-
-    `length` is the retained slot count shared by all rows; `left[r]` of them are padding for row r; `offsets[r]`
-    counts row r's encoded positions. Starts empty; rows come in with `join` and go with `keep_rows`.
-    """
+    """One layer's K/V for a batch of rows (see the module docstring): `length` slots shared by all rows, row r's
+    span `[lo[r], hi[r])`, `offsets[r]` its encoded positions. Starts empty; rows come in with `join` and go
+    with `keep_rows`."""
 
     def __init__(self, window: int | None = None):
         # Not LayerCache.__init__: `offset` is per row here (a property), not one count.
@@ -33,7 +31,8 @@ class BatchLayerCache(LayerCache):
         self.length = 0
         self._pending = None
         self.offsets: list[int] = []
-        self.left: list[int] = []
+        self.lo: list[int] = []
+        self.hi: list[int] = []
 
     @property
     def offset(self) -> mx.array:
@@ -45,113 +44,90 @@ class BatchLayerCache(LayerCache):
         return len(self.offsets)
 
     def append(self, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:
-        """Every row encodes `k.shape[2]` new positions (a committed canvas each)."""
-        keys, values = self._write(k, v)
-        n = k.shape[2]
-        self.offsets = [o + n for o in self.offsets]
-        self.length += n
-        if self.keep is not None and self.length > self.keep:
-            start = self.length - self.keep
-            self.keys = self.keys[..., start : self.length, :]
-            self.values = self.values[..., start : self.length, :]
-            self.length = self.keep
-            self.left = [max(left - start, 0) for left in self.left]  # the evicted slots were the oldest
-        return keys, values
+        raise NotImplementedError("a batch's rows encode one at a time: row_view, encode, put_row")
 
     def padding_mask(self, new: int) -> mx.array | None:
-        if not any(self.left):
-            return None  # no padding: the same ops (and numbers) as an unbatched pass
+        """Row r sees its own span and the `new` slots after `length` (its canvas); None when every row spans all."""
+        if all(lo == 0 for lo in self.lo) and all(hi == self.length for hi in self.hi):
+            return None  # the same ops (and numbers) as an unbatched pass
         slots = mx.arange(self.length + new)[None, :]
-        return (slots >= mx.array(self.left)[:, None])[:, None, None, :]
+        lo, hi = mx.array(self.lo)[:, None], mx.array(self.hi)[:, None]
+        return ((slots >= lo) & ((slots < hi) | (slots >= self.length)))[:, None, None, :]
+
+    def row_view(self, r: int) -> LayerCache:
+        """Row r alone, as the `LayerCache` a lone run would hold (its buffers are new; this cache is unchanged)."""
+        own = LayerCache()
+        own.keep, own.offset = self.keep, self.offsets[r]
+        own.length = self.hi[r] - self.lo[r]
+        own.keys = self.keys[r : r + 1, :, self.lo[r] : self.hi[r], :]
+        own.values = self.values[r : r + 1, :, self.lo[r] : self.hi[r], :]
+        return own
+
+    def put_row(self, r: int, view: LayerCache) -> None:
+        """Take back row r's `row_view` after it encoded more positions: they go after its span."""
+        added = view.offset - self.offsets[r]
+        end = self.hi[r] + added
+        if end > self.length:
+            self._grow(end)
+        n = min(added, view.length)  # a sliding layer retains at most `keep` of them
+        self.keys[r : r + 1, :, end - n : end, :] = view.keys[..., view.length - n : view.length, :]
+        self.values[r : r + 1, :, end - n : end, :] = view.values[..., view.length - n : view.length, :]
+        self.offsets[r], self.hi[r], self.lo[r] = view.offset, end, end - view.length
+        self._compact()
 
     def join(self, other: LayerCache) -> None:
-        """Append `other`'s rows (a lone request's prefilled cache) to the batch, right edges aligned."""
-        length = max(self.length, other.length)
-        keys, values, left = [], [], []
-        for cache, lefts in ([(self, self.left)] if self.offsets else []) + [(other, _left(other))]:
-            pad = length - cache.length
-            k, v = cache.state
-            if pad:
-                zeros = mx.zeros((*k.shape[:2], pad, k.shape[3]), k.dtype)
-                k, v = mx.concatenate([zeros, k], axis=2), mx.concatenate([zeros, v], axis=2)
-            keys.append(k)
-            values.append(v)
-            left += [x + pad for x in lefts]
-        self.offsets, self.left = self.offsets + _offsets(other), left
-        k, v = mx.concatenate(keys, axis=0), mx.concatenate(values, axis=0)
-        self.keys = mx.zeros((*k.shape[:2], _capacity(length + 1), k.shape[3]), k.dtype)
-        self.values = mx.zeros(self.keys.shape, v.dtype)
-        self.keys[..., :length, :] = k
-        self.values[..., :length, :] = v
-        self.length = length
+        """Add a lone request's prefilled cache as a new row."""
+        spans = [(self.keys[r : r + 1, :, lo:hi, :], self.values[r : r + 1, :, lo:hi, :])
+                 for r, (lo, hi) in enumerate(zip(self.lo, self.hi))]
+        k, v = other.state
+        self._pack(spans + [(k, v)], self.offsets + [other.offset])
 
     def keep_rows(self, rows: list[int]) -> None:
-        """Keep only these rows (others left the batch); drop the front slots that are padding in every row."""
+        """Keep only these rows (others left the batch)."""
         self.offsets = [self.offsets[r] for r in rows]
-        self.left = [self.left[r] for r in rows]
+        self.lo, self.hi = [self.lo[r] for r in rows], [self.hi[r] for r in rows]
         if not rows:
             self.keys = self.values = None
             self.length = 0
             return
         index = mx.array(rows)
-        trim = min(self.left)
-        self.keys = self.keys[index, :, trim : self.length, :]
-        self.values = self.values[index, :, trim : self.length, :]
-        self.left = [x - trim for x in self.left]
-        self.length -= trim
+        self.keys, self.values = self.keys[index], self.values[index]
+        self._compact()
 
+    def _grow(self, end: int) -> None:
+        """Room for `end` slots (the new ones hold zeros, which no row's span covers yet)."""
+        if self.keys.shape[2] < end:
+            shape = (*self.keys.shape[:2], _capacity(end + 1), self.keys.shape[3])
+            keys, values = mx.zeros(shape, self.keys.dtype), mx.zeros(shape, self.values.dtype)
+            keys[..., : self.length, :] = self.keys[..., : self.length, :]
+            values[..., : self.length, :] = self.values[..., : self.length, :]
+            self.keys, self.values = keys, values
+        self.length = end
 
-def _offsets(cache: LayerCache) -> list[int]:
-    return list(cache.offsets) if isinstance(cache, BatchLayerCache) else [cache.offset] * cache.keys.shape[0]
+    def _compact(self) -> None:
+        """Drop slots no row spans; repack the rows right-aligned when their spans have drifted apart (rows that
+        commit more often run ahead) by more than a buffer step, so memory stays near rows x longest span."""
+        start, end = min(self.lo), max(self.hi)
+        if end - start > max(h - lo for lo, h in zip(self.lo, self.hi)) + _STEP:
+            spans = [(self.keys[r : r + 1, :, lo:hi, :], self.values[r : r + 1, :, lo:hi, :])
+                     for r, (lo, hi) in enumerate(zip(self.lo, self.hi))]
+            self._pack(spans, self.offsets)
+        elif start or end < self.length:
+            self.keys, self.values = self.keys[..., start:end, :], self.values[..., start:end, :]
+            self.lo, self.hi = [x - start for x in self.lo], [x - start for x in self.hi]
+            self.length = end - start
 
-
-def _left(cache: LayerCache) -> list[int]:
-    return list(cache.left) if isinstance(cache, BatchLayerCache) else [0] * cache.keys.shape[0]
-
-
-class BatchNoise:
-    """The batch's random source: each row draws from its own stream, in the order a lone run would.
-
-    A row whose adaptive stop has fired (see `freeze`) draws nothing more, so its stream is where a lone run
-    left it; its entries are filled with zeros, which the loop discards (it keeps a stopped row's canvas).
-    """
-
-    def __init__(self, sources: list[NoiseSource]):
-        self.sources = sources
-        self.active = [True] * len(sources)
-        self.stopped_at: list[int | None] = [None] * len(sources)
-        self._draw = select().categorical
-
-    def _rows(self, draw, shape: tuple[int, ...], dtype) -> mx.array:
-        row = (1, *shape[1:])
-        parts = [draw(s, row) if a else mx.zeros(row, dtype) for s, a in zip(self.sources, self.active)]
-        return mx.concatenate(parts, axis=0)
-
-    def randint(self, shape: tuple[int, ...], high: int) -> mx.array:
-        return self._rows(lambda s, row: s.randint(row, high), shape, mx.int32)
-
-    def categorical(self, probs: mx.array) -> mx.array:
-        if all(isinstance(s, MLXNoise) for s in self.sources):
-            # One pass over the batch's vocabulary; each row's uniforms come from its own stream.
-            u = self._rows(lambda s, row: s.uniforms(row), probs.shape[:-1], mx.float32)
-            return self._draw(probs, u)
-        draws = [s.categorical(probs[r : r + 1]) if a else mx.zeros((1, probs.shape[1]), mx.int32)
-                 for r, (s, a) in enumerate(zip(self.sources, self.active))]
-        return mx.concatenate(draws, axis=0)
-
-    def skip_categorical(self, shape: tuple[int, ...]) -> None:
-        for s, a in zip(self.sources, self.active):
-            if a:
-                s.skip_categorical((1, *shape[1:]))
-
-    def keep_rows(self, rows: list[int]) -> None:
-        """Keep only these rows' streams (the others' requests left the batch)."""
-        self.sources = [self.sources[r] for r in rows]
-        self.active = [self.active[r] for r in rows]
-        self.stopped_at = [self.stopped_at[r] for r in rows]
-
-    def freeze(self, done: mx.array, steps: int) -> None:
-        """`denoise_canvas`'s `stopped` hook: rows in `done` stop drawing; remember the pass they stopped at."""
-        for r, flag in enumerate(done.tolist()):
-            if flag and self.active[r]:
-                self.active[r], self.stopped_at[r] = False, steps
+    def _pack(self, spans: list[tuple[mx.array, mx.array]], offsets: list[int]) -> None:
+        """Rebuild the buffer from one `(K, V)` span per row, right edges aligned."""
+        length = max(k.shape[2] for k, _ in spans)
+        k0 = spans[-1][0]
+        shape = (len(spans), k0.shape[1], _capacity(length + 1), k0.shape[3])
+        self.keys, self.values = mx.zeros(shape, k0.dtype), mx.zeros(shape, spans[-1][1].dtype)
+        self.lo, self.hi = [], []
+        for r, (k, v) in enumerate(spans):
+            lo = length - k.shape[2]
+            self.keys[r : r + 1, :, lo:length, :] = k
+            self.values[r : r + 1, :, lo:length, :] = v
+            self.lo.append(lo)
+            self.hi.append(length)
+        self.offsets, self.length = list(offsets), length

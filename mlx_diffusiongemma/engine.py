@@ -2,9 +2,10 @@
 
 Requests come in from the HTTP layer's threads (`submit`, `cancel`) and leave as a stream of
 `GenerationResponse`s handed to each job's `emit`. Requests that share a drafter config share one continuous
-batch (`BatchGenerator`: rows join at canvas boundaries and each row has its own random stream, so a request's
-text does not depend on its neighbours); a `verify: "ar"` drafter runs one request at a time through
-`stream_generate`. The engine runs one canvas of each busy lane in turn.
+batch (`BatchGenerator`: rows join and leave at any decoder pass and each row has its own random stream, so a
+request's text does not depend on its neighbours); a `verify: "ar"` drafter runs one request at a time through
+`stream_generate`. The engine runs one step of each busy lane in turn (a decoder pass of a batch, a canvas of
+the one-at-a-time lane).
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import secrets
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,17 +67,34 @@ def _pinned(canvas: mx.array, first: mx.array | None) -> mx.array:
     return canvas if first is None else mx.concatenate([first[:, None], canvas[:, 1:]], axis=1)
 
 
+def draft_pass(logits: mx.array, n: int, drafter: DrafterConfig, noise: NoiseSource, backend: Backend,
+               sc_dtype: mx.Dtype, first: mx.array | None = None):
+    """The sampler's half of denoising step `n` (counting down to 1) over one decoder pass's `[B, C, V]` logits.
+
+    Returns `(next input, argmax, self-conditioning probs, entropy)`; on the last step only the argmax is
+    computed (it is committed) and the others are None, though that step's draws are still consumed.
+    """
+    B, C, V = logits.shape
+    temp = sampler.temperature(n, drafter.max_denoising_steps, drafter.t_min, drafter.t_max)
+    if n == 1:
+        noise.skip_categorical((B, C))
+        noise.randint((B, C), V)
+        return None, _pinned(backend.argmax(logits, temp), first), None, None
+    ent, total, argmax, probs, sc = backend.vocab_stats(logits, temp, sc_dtype)
+    sample = noise.categorical(probs)
+    x = _pinned(sampler.renoise(sample, _accept(drafter, ent, total), noise.randint((B, C), V)), first)
+    return x, _pinned(argmax, first), sc, ent
+
+
 def denoise_canvas(model: Model, cache, drafter: DrafterConfig, noise: NoiseSource, batch: int,
-                   first: mx.array | None = None, stopped: Callable[[mx.array, int], None] | None = None,
-                   backend: Backend | None = None, drop: Callable[[], list[int] | None] | None = None):
+                   first: mx.array | None = None, backend: Backend | None = None):
     """Draft one canvas: yields `(argmax canvas, steps)` after every decoder pass; the last is committed.
 
     `first` ([B] ids), when given, is known to open the canvas (the verifier's choice): it is held fixed in
-    every pass's input and output, like a position that is never noised. `stopped(done, steps)`, when given,
-    is told after each pass which rows' adaptive stop has fired (the batch engine stops their random streams).
-    `backend` runs the passes over the vocabulary (default: `backend.select()` for the default device).
-    `drop()`, when given, is asked after each pass which rows to keep (None: all); the batch engine uses it to
-    let a cancelled request go mid-canvas (it trims the cache and noise rows itself). No rows left ends it.
+    every pass's input and output, like a position that is never noised. `backend` runs the passes over the
+    vocabulary (default: `backend.select()` for the default device). Rows whose adaptive stop fires keep their
+    canvas while the others go on (reference 1.c.iv); the batch engine instead runs each row's canvas on its
+    own schedule (`batch.BatchDenoiser`).
     """
     N, V, C = drafter.max_denoising_steps, model.args.vocab_size, drafter.canvas_length
     backend = backend or select()
@@ -86,19 +103,12 @@ def denoise_canvas(model: Model, cache, drafter: DrafterConfig, noise: NoiseSour
     done = mx.zeros((batch,), dtype=mx.bool_)
     for n in range(N, 0, -1):
         logits = model.decode(x, cache, self_conditioning_probs=sc, softcap_kernel=backend.softcap)
-        temp = sampler.temperature(n, N, drafter.t_min, drafter.t_max)
-        if n == 1:  # only the argmax of the last step is used (committed); its draws are still consumed
-            noise.skip_categorical((batch, C))
-            noise.randint((batch, C), V)
-            new_argmax = _pinned(backend.argmax(logits, temp), first)
+        x_new, new_argmax, new_sc, ent = draft_pass(logits, n, drafter, noise, backend, model.dtype, first)
+        if n == 1:
             argmax = mx.where(done[:, None], argmax, new_argmax) if drafter.adaptive_stop else new_argmax
             mx.eval(argmax)
             yield argmax, N
             return
-        ent, total, new_argmax, probs, new_sc = backend.vocab_stats(logits, temp, model.dtype)
-        new_argmax = _pinned(new_argmax, first)
-        sample = noise.categorical(probs)
-        x_new = _pinned(sampler.renoise(sample, _accept(drafter, ent, total), noise.randint((batch, C), V)), first)
         if drafter.adaptive_stop:
             if batch > 1 and n < N:
                 # Rows that already stopped keep their canvas, argmax and self-conditioning (reference 1.c.iv).
@@ -113,15 +123,6 @@ def denoise_canvas(model: Model, cache, drafter: DrafterConfig, noise: NoiseSour
         # Not a sync: the sampling runs while the caller takes the draft and the next pass's graph is built.
         mx.async_eval(x, argmax, sc, done)
         yield argmax, N - n + 1
-        if drafter.adaptive_stop and stopped is not None:
-            stopped(done, N - n + 1)
-        keep = drop() if drop is not None else None
-        if keep is not None:
-            if not keep:
-                return
-            rows = mx.array(keep)
-            x, argmax, sc, done = x[rows], argmax[rows], sc[rows], done[rows]
-            history, batch = tuple(h[rows] for h in history), len(keep)
         # The stop test's sync; on the CPU backend the host vocabulary pass also waits for each pass's logits.
         if drafter.adaptive_stop and done.all().item():
             return

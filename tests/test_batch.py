@@ -3,7 +3,8 @@
 Every batched request must equal `stream_generate` with the same seed, token for token and step for step, on
 two tiny random configs, with prompts of mixed lengths (some longer than the sliding window, so rows are
 padded differently on sliding and full layers), rows that stop early (EOS, the adaptive stop firing mid-canvas,
-a token budget that ends mid-canvas) and a request that joins after the first canvas.
+a token budget that ends mid-canvas), rows that commit at different decoder passes while the others draft on,
+and a request that joins after the first pass, mid-canvas.
 """
 
 import json
@@ -15,9 +16,7 @@ from checkpoints import build_checkpoint
 from figures import record
 from mlx_diffusiongemma import load, stream_generate
 from mlx_diffusiongemma.batch import BatchGenerator, MemoryBudgetError, batch_generate, request_bytes, stream_batch
-from mlx_diffusiongemma.batch_cache import BatchNoise
 from mlx_diffusiongemma.errors import DrafterConfigError
-from mlx_diffusiongemma.noise import MLXNoise, NumpyNoise
 
 # name -> (builder kwargs, generation_config changes). Stability off (0) and a confidence bound the falling
 # temperature crosses mid-canvas make the adaptive stop fire on random weights (as in test_generation_parity);
@@ -35,7 +34,7 @@ CONFIGS = {
     ),
 }
 SEEDS = range(5)
-PROMPT_LENGTHS = [3, 17, 9, 30]  # the last request (length 12) joins after the first canvas
+PROMPT_LENGTHS = [3, 17, 9, 30]  # the last request (length 12) joins after the first decoder pass
 MAX_TOKENS = [32, 32, 20, 32, 28]
 
 
@@ -67,18 +66,21 @@ def _alone(model, tokenizer, prompt, seed, max_tokens):
 
 
 def _batched(model, tokenizer, prompts, seeds):
-    """All but the last prompt start together; the last joins after the first canvas."""
+    """All but the last prompt start together; the last joins after the first decoder pass."""
     batch = BatchGenerator(model, tokenizer)
     ids = [batch.submit(p, seed=s, max_tokens=m) for p, s, m in zip(prompts[:-1], seeds, MAX_TOKENS)]
     out = {i: [] for i in ids}
-    seen = {"padded": False, "widest": 0}
+    seen = {"padded": False, "widest": 0, "staggered": False}
 
     def step():
-        responses = list(batch.step())  # one per row of this canvas
+        rows = len(batch.engine.rows) + len(batch.engine.queue)
+        responses = list(batch.step())  # one per row that committed a canvas in this pass
         for request, response in responses:
             out[request].append(response)
-        seen["padded"] |= any(any(c.left) for c in batch.engine.cache)
-        seen["widest"] = max(seen["widest"], len(responses))
+        cache = batch.engine.cache
+        seen["padded"] |= any(lo or hi < c.length for c in cache for lo, hi in zip(c.lo, c.hi))
+        seen["widest"] = max(seen["widest"], len(batch.engine.rows))
+        seen["staggered"] |= 0 < len({r for r, _ in responses}) < rows
 
     step()
     late = batch.submit(prompts[-1], seed=seeds[-1], max_tokens=MAX_TOKENS[-1])
@@ -99,6 +101,7 @@ def test_batched_equals_unbatched(tiny):
         for i, (prompt, s, m) in enumerate(zip(prompts, seeds, MAX_TOKENS)):
             assert got[i] == _alone(model, tokenizer, prompt, s, m), f"{name}, seed {seed}, request {i}"
         assert seen["padded"] and seen["widest"] >= 4, "the batch must hold padded rows side by side"
+        assert seen["staggered"], "some rows must commit while others draft on"
         reasons += [g[3] for g in got]
         early_stops += sum(steps < cap for g in got for steps in g[2])
         canvases += sum(len(g[2]) for g in got)
@@ -160,28 +163,6 @@ def test_batch_generate_and_speculative_refusal(tiny):
     assert "\n" not in str(err.value) and 'verify "none"' in str(err.value)
 
 
-@pytest.mark.parametrize("kind", ["mlx", "numpy"])
-def test_batch_noise_draws_each_rows_own_stream(kind):
-    """A row's draws are what its own source gives alone; a frozen row draws nothing more."""
-    make = (lambda s: MLXNoise(s)) if kind == "mlx" else (lambda s: NumpyNoise(s))
-    probs = mx.softmax(mx.random.normal((3, 5, 40), key=mx.random.key(0)), axis=-1)
-    batch = BatchNoise([make(s) for s in (1, 2, 3)])
-    got = [batch.randint((3, 5), 40), batch.categorical(probs)]
-    batch.freeze(mx.array([False, True, False]), 1)
-    got += [batch.categorical(probs), batch.randint((3, 5), 40)]
-    for r, s in enumerate((1, 2, 3)):
-        alone = make(s)
-        want = [alone.randint((1, 5), 40), alone.categorical(probs[r : r + 1])]
-        if r != 1:
-            want += [alone.categorical(probs[r : r + 1]), alone.randint((1, 5), 40)]
-        assert [g[r].tolist() for g in got[: len(want)]] == [w[0].tolist() for w in want]
-    assert batch.stopped_at == [None, 1, None]
-    # The frozen row's stream is where it stopped: its next draw is its own third one.
-    ref = make(2)
-    ref.randint((1, 5), 40), ref.categorical(probs[1:2])
-    assert batch.sources[1].randint((1, 5), 40).tolist() == ref.randint((1, 5), 40).tolist()
-
-
 def test_a_finished_row_hands_over_its_whole_conversation(tiny):
     """`finished` gets a cache of the row's own holding its prompt and whole reply (to EOS or the budget):
     the K/V a fresh prefill of those ids writes, whatever padding or sliding eviction the batch had."""
@@ -229,3 +210,23 @@ def test_per_row_offsets_stay_put_while_layers_append(tiny_ckpt):
     model.encode(ids, per_row)
     for a, b in zip(plain, per_row):
         assert mx.array_equal(a.keys, b.keys)
+
+
+def test_rows_repacked_when_their_spans_drift_apart(tiny, monkeypatch):
+    """Rows that commit more often run ahead in the shared buffer; past a buffer step of drift the cache is
+    repacked (the spans right-aligned again). With a step of 4 slots (half a canvas here) that happens after
+    a row commits alone, and every request still equals its lone run."""
+    import mlx_diffusiongemma.batch_cache as batch_cache
+
+    monkeypatch.setattr(batch_cache, "_STEP", 4)
+    packs = []
+    pack = batch_cache.BatchLayerCache._pack
+    monkeypatch.setattr(batch_cache.BatchLayerCache, "_pack", lambda self, *a: packs.append(1) or pack(self, *a))
+    name, model, tokenizer = tiny
+    prompts = _prompts(3)
+    seeds = [300 + i for i in range(len(prompts))]
+    got, _ = _batched(model, tokenizer, prompts, seeds)
+    for i, (prompt, s, m) in enumerate(zip(prompts, seeds, MAX_TOKENS)):
+        assert got[i] == _alone(model, tokenizer, prompt, s, m), f"{name}, request {i}"
+    joins = len(prompts) * len(model.layers)
+    assert len(packs) > joins, "spans must have drifted apart and been repacked (beyond the joins' packs)"
