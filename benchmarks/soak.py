@@ -3,18 +3,21 @@
     python benchmarks/soak.py                       # the toy soak, then 1 vs 4 clients on random medium
     python benchmarks/soak.py --skip-medium         # the toy soak only (about a minute)
 
-Toy soak: the real `serve` command (a subprocess on 127.0.0.1, a free port) gets `--warm-up` requests (8, not
-counted), then `--requests` chat requests (default 200) from `--clients` concurrent clients (4): held-out toy
+Toy soak: the real `serve` command (a subprocess on 127.0.0.1, a free port) gets one steady load from
+`--clients` concurrent clients (4), each keeping one HTTP client as an app would: `--warm-up` requests (8, not
+counted), then `--requests` chat requests (default 200), then `--clients` more not counted, so that the first
+counted requests do not arrive together and the last ones do not run in a draining batch. Held-out toy
 prompts of the three tasks in turn, every other one streamed, and one client in ten hangs up after the first
-chunk of a streamed reply; the last 56 requests repeat the first 56 exactly (prompt, seed, streaming,
+chunk of a streamed reply; the last 55 requests repeat the first 55 exactly (prompt, seed, streaming,
 hang-ups), so the first and the last 50 completed ones ask the same work. It reports unintended errors
 (anything but those hang-ups: a non-200 status, an error event, a broken stream), the median latency of the
-first and the last 50 completed requests, and the server's resident memory after the first 50 requests and
-at the end. Targets: no unintended error, last-50 median within 10% of first-50, RSS growth under 5%. The
-server's prompt cache is bounded at `--prompt-cache-mb` (4): each toy request stores about 80 KB of prefixes,
-so it is full by about the 50th request and then evicts (the repeated requests find their first run's
-prefixes gone); at the default bound (1 GB) it would still be filling, legitimately, at the end, and RSS
-growth would measure the fill rather than a leak.
+first and the last 50 completed requests, the server's mean decoder pass in each window (from `/health`: the
+same work per pass, so a change there is the machine's speed, not the server's state), and the server's
+resident memory after the first 50 requests and at the end. Targets: no unintended error, last-50 median
+within 10% of first-50, RSS growth under 5%. The server's prompt cache is bounded at `--prompt-cache-mb` (4):
+each toy request stores about 80 KB of prefixes, so it is full by about the 50th request and then evicts (the
+repeated requests find their first run's prefixes gone); at the default bound (1 GB) it would still be
+filling, legitimately, at the end, and RSS growth would measure the fill rather than a leak.
 
 Medium throughput: the server's app and engine in this process (uvicorn in a thread, still loopback HTTP) over
 the random "medium" geometry (fp32; hidden 512, 6 layers, 16 experts, vocab 32000, canvas 256) with a fixed
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import socket
 import statistics
@@ -70,16 +74,27 @@ def wait_healthy(url: str, proc: subprocess.Popen | None = None, timeout: float 
     raise SystemExit("the server did not come up")
 
 
+_clients = threading.local()
+
+
+def client() -> httpx.Client:
+    """This thread's HTTP client, kept across its requests as an app's would be: `httpx.post` builds a client
+    (and an SSL context) per call, CPU that competed with the server on a 2-core machine."""
+    if not hasattr(_clients, "http"):
+        _clients.http = httpx.Client(timeout=120)
+    return _clients.http
+
+
 def one_request(url: str, i: int, prompt: str, stream: bool, hang_up: bool) -> tuple[str, float]:
     """('ok' | 'hung up' | an error description, seconds)."""
     body = {"model": "toy", "messages": [{"role": "user", "content": prompt}], "seed": i, "stream": stream}
     tic = time.perf_counter()
     try:
         if not stream:
-            r = httpx.post(url + "/v1/chat/completions", json=body, timeout=120)
+            r = client().post(url + "/v1/chat/completions", json=body)
             ok = r.status_code == 200 and r.json()["choices"][0]["finish_reason"] in ("stop", "length")
             return ("ok" if ok else f"status {r.status_code}: {r.text[:200]}"), time.perf_counter() - tic
-        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=120) as r:
+        with client().stream("POST", url + "/v1/chat/completions", json=body) as r:
             if r.status_code != 200:
                 return f"status {r.status_code}", time.perf_counter() - tic
             lines = [line for line in r.iter_lines() if line]
@@ -96,7 +111,7 @@ def hang_up_early(url: str, i: int, prompt: str) -> tuple[str, float]:
     """A client that closes the connection after the first chunk of a streamed reply."""
     body = {"model": "toy", "messages": [{"role": "user", "content": prompt}], "seed": i, "stream": True}
     tic = time.perf_counter()
-    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=120) as r:
+    with client().stream("POST", url + "/v1/chat/completions", json=body) as r:
         next(line for line in r.iter_lines() if line.startswith("data: {"))
     return "hung up", time.perf_counter() - tic
 
@@ -122,13 +137,25 @@ def toy_soak(args) -> dict:
                              "warning", "--prompt-cache-bytes", str(args.prompt_cache_mb << 20)])
     try:
         wait_healthy(url, proc)
-        # Warm-up, not counted: the first requests build compiled kernels and buffers that every later one reuses.
-        for i in range(args.warm_up):
-            one_request(url, -1 - i, prompts[-1 - i], stream=i % 2 == 1, hang_up=False)
         results: list[tuple[int, str, float]] = []
-        rss: dict[str, float] = {"start": rss_mb(proc.pid)}
+        rss: dict[str, float] = {}
+        spans: list[float] = []  # when the first counted request started, when the last one ended
+
+        def extra(i: int) -> None:  # not counted: a prompt from the end of the list, never one counted
+            one_request(url, -1 - i, prompts[-1 - i], stream=i % 2 == 1, hang_up=False)
+
+        passes: dict[str, dict] = {}  # the server's decoder pass counts around the two windows
+
+        def snap(name: str) -> None:
+            passes[name] = client().get(url + "/health").json()
 
         def run(i: int) -> None:
+            if i == 0:
+                rss["start"] = rss_mb(proc.pid)
+                spans.append(time.perf_counter())
+                snap("first from")
+            if i == repeat_from:
+                snap("last from")
             j = i - repeat_from if i >= repeat_from else i  # which request this one asks
             prompt = prompts[j % len(prompts)]
             if hangs_up(j):
@@ -138,11 +165,23 @@ def toy_soak(args) -> dict:
             results.append((i, *outcome))
             if len(results) == 50:
                 rss["after 50"] = rss_mb(proc.pid)
+            if len(results) == window:
+                snap("first to")
+            if len(results) == args.requests:
+                spans.append(time.perf_counter())
+                snap("last to")
 
-        tic = time.perf_counter()
+        # One steady load from `clients` clients: the warm-up (its first requests build the compiled kernels and
+        # buffers every later one reuses) leads straight into the counted requests, and as many uncounted ones
+        # follow them, so the first counted requests do not arrive together and the last ones do not run in
+        # a draining batch: both windows are measured at the same concurrency.
+        after = args.warm_up + args.clients
+        tasks = [(extra, i) for i in range(args.warm_up)] + [(run, i) for i in range(args.requests)]
+        tasks += [(extra, i) for i in range(args.warm_up, after)]
+        cpu = sum(os.times()[:2])
         with ThreadPoolExecutor(args.clients) as pool:
-            list(pool.map(run, range(args.requests)))
-        wall = time.perf_counter() - tic
+            list(pool.map(lambda task: task[0](task[1]), tasks))
+        wall, cpu = spans[-1] - spans[0], sum(os.times()[:2]) - cpu
         time.sleep(1.0)
         rss["end"] = rss_mb(proc.pid)
         health = httpx.get(url + "/health").json()
@@ -154,11 +193,26 @@ def toy_soak(args) -> dict:
     done = [t for _, what, t in results if what == "ok"]
     first, last = statistics.median(done[:50]), statistics.median(done[-50:])
     return {"requests": len(results), "hung up": sum(w == "hung up" for _, w, _ in results),
-            "unintended errors": errors, "wall s": round(wall, 1), "p50 first 50 s": round(first, 3),
+            "unintended errors": errors, "wall s": round(wall, 1), "clients' CPU s": round(cpu, 1),
+            "p50 first 50 s": round(first, 3),
             "p50 last 50 s": round(last, 3), "p50 change": f"{(last / first - 1) * 100:+.1f}%",
+            **pass_times(passes),
             "rss MB": {k: round(v, 1) for k, v in rss.items()},
             "rss growth after warm-up": f"{(rss['end'] / rss['after 50'] - 1) * 100:+.1f}%",
             "health at end": health, "exit code after SIGTERM": code}
+
+
+def pass_times(passes: dict[str, dict]) -> dict:
+    """The server's mean decoder pass (batch and sampler) while each window ran, and its change: a pass does
+    the same work in both (about `clients` rows), so this tells a slower machine from a server that
+    queues, leaks or fragments more as it runs."""
+    ms = {}
+    for window in ("first", "last"):
+        start, end = passes[f"{window} from"], passes[f"{window} to"]
+        n = end["decoder_passes"] - start["decoder_passes"]
+        ms[window] = 1000 * (end["decoder_seconds"] - start["decoder_seconds"]) / max(n, 1)
+    return {"decoder pass ms, first window": round(ms["first"], 2), "decoder pass ms, last window": round(ms["last"], 2),
+            "decoder pass change": f"{(ms['last'] / ms['first'] - 1) * 100:+.1f}%"}
 
 
 def medium_throughput(args) -> dict:

@@ -95,8 +95,9 @@ class BatchDenoiser:
 
     `step` yields `(request id, DenoiseEvent)` as things happen: "admit" (a request leaves the queue; its
     prefill starts), "encode" (its prompt, later each committed canvas), "draft" (rows submitted with
-    `drafts`), "commit" (a row's canvas is done; `finished`: it was its last). A request leaves after the commit that reaches EOS or its `max_tokens`. `memory_budget` (bytes,
-    see `request_bytes`; weights not included) and `max_batch` bound the batch; a request that does not fit
+    `drafts`), "commit" (a row's canvas is done; `finished`: it was its last). A request leaves after the
+    commit that reaches EOS or its `max_tokens`. `memory_budget` (bytes, see `request_bytes`; weights not
+    included) and `max_batch` bound the batch; a request that does not fit
     waits in the queue until rows leave. `cancel` lets a request go at the next decoder pass. `prefilled(id,
     cache)`, when set, is handed each request's own cache right after its prefill (before it joins the batch);
     `finished(id, cache, ids)`, when set, each request that ends by a commit (not a cancel): a cache of its
@@ -121,7 +122,7 @@ class BatchDenoiser:
         self.cancelled: set[int] = set()  # asked to stop, not yet removed
         self.dropped: list[int] = []  # removed after a cancel (the caller clears it)
         self.passes = self.commit_passes = 0  # decoder passes run; canvases encoded (one row each)
-        self.commit_seconds = 0.0
+        self.pass_seconds = self.commit_seconds = 0.0  # their time (a pass: the decoder and every row's sampler)
 
     def submit(self, ids: Sequence[int], noise: NoiseSource, max_tokens: int, *, start: list | None = None,
                cached: int = 0, drafts: bool = False) -> int:
@@ -205,17 +206,22 @@ class BatchDenoiser:
         add exactly nothing (the self-conditioning MLP has no biases and maps 0 to 0)."""
         if all(row.sc is None for row in self.rows):
             return None
+        if len(self.rows) == 1:
+            return self.rows[0].sc
         shape = (1, self.drafter.canvas_length, self.model.args.vocab_size)
         return mx.concatenate([mx.zeros(shape, self.model.dtype) if row.sc is None else row.sc for row in self.rows])
 
     def step(self) -> Iterator[tuple[int, DenoiseEvent]]:
         """Admit what fits, run one decoder pass for every row, commit the rows whose canvas is done."""
+        left = self._done()  # a caller that stopped at a draft event left these uncommitted
+        if left:
+            yield from self._commit(left)
         self._drop_cancelled()
         yield from self._admit()
         self._drop_cancelled()
         if not self.rows:
             return
-        self.passes += 1
+        tic = time.perf_counter()
         x = mx.concatenate([row.x for row in self.rows])
         logits = self.model.decode(x, self.cache, self_conditioning_probs=self._self_conditioning(),
                                    softcap_kernel=self.backend.softcap)
@@ -228,12 +234,17 @@ class BatchDenoiser:
                                                           d.confidence_threshold)
             row.n, row.steps = row.n - 1, row.steps + 1
         mx.eval([a for row in self.rows for a in (row.x, row.argmax, row.sc, row.stop) if a is not None])
+        self.passes, self.pass_seconds = self.passes + 1, self.pass_seconds + time.perf_counter() - tic
         for row in self.rows:
             if row.drafts:
                 yield row.id, DenoiseEvent("draft", row.argmax, row.canvases, row.steps)
-        done = [r for r, row in enumerate(self.rows) if row.n == 0 or (row.stop is not None and row.stop.item())]
+        done = self._done()
         if done:
             yield from self._commit(done)
+
+    def _done(self) -> list[int]:
+        """Rows whose canvas is drafted: its last step ran, or its adaptive stop fired."""
+        return [r for r, row in enumerate(self.rows) if row.n == 0 or (row.stop is not None and row.stop.item())]
 
     def _commit(self, done: list[int]) -> Iterator[tuple[int, DenoiseEvent]]:
         """Commit these rows' canvases: a row that reached EOS or its budget leaves, the others encode theirs
@@ -298,6 +309,7 @@ class BatchGenerator:
         self.engine = BatchDenoiser(model, drafter, self.eos, _pad_id(model), memory_budget=memory_budget,
                                     max_batch=max_batch, prefill_step=prefill_step)
         self.progress: dict[int, Progress] = {}
+        self._unread: deque[tuple[int, GenerationResponse]] = deque()  # committed, not handed out yet
 
     def submit(self, prompt: str | list[dict[str, Any]] | list[int] | mx.array, *, max_tokens: int = 256,
                seed: int | None = None, chat_template: bool = True,
@@ -319,8 +331,8 @@ class BatchGenerator:
 
     @property
     def idle(self) -> bool:
-        """Nothing running and nothing waiting."""
-        return self.engine.idle
+        """Nothing running, nothing waiting and nothing left unread."""
+        return self.engine.idle and not self._unread
 
     def cancel(self, request: int) -> None:
         """Stop a request: it leaves the batch at the next decoder pass (safe to call from another thread)."""
@@ -328,9 +340,9 @@ class BatchGenerator:
 
     def step(self) -> Iterator[tuple[int, GenerationResponse]]:
         """One decoder pass for the batch: yields `(request id, response)` per row that commits a canvas; a
-        response with `finish_reason` set is the request's last. Draft previews come as they happen: a caller that stops
-        iterating must not do so at one of those."""
-        responses = []  # yielded once the step is over: a caller may stop iterating at any response
+        response with `finish_reason` set is the request's last. Draft previews come as they happen. A caller
+        may stop iterating anywhere: what it left unread (a pass's commits after a preview, responses after the
+        one it stopped at) comes from the next step."""
         for request, event in self.engine.step():
             progress = self.progress[request]
             progress.stats.canvas, progress.stats.step = event.canvas, event.steps
@@ -341,15 +353,16 @@ class BatchGenerator:
             elif event.kind == "encode":
                 progress.encode(event.tokens[0].tolist())
             elif event.kind == "commit":
-                responses.append((request, progress.commit(event.tokens[0].tolist(), event.steps)))
+                self._unread.append((request, progress.commit(event.tokens[0].tolist(), event.steps)))
                 if event.finished.item() and progress.stats.finish_reason is None:
-                    responses.append((request, progress.end()))  # its canvases ran out, as alone
+                    self._unread.append((request, progress.end()))  # its canvases ran out, as alone
                 if progress.stats.finish_reason is not None:
                     del self.progress[request]
         for request in self.engine.dropped:
             self.progress.pop(request, None)
         self.engine.dropped.clear()
-        yield from responses
+        while self._unread:  # taken off as handed out: what a caller leaves unread comes first next step
+            yield self._unread.popleft()
 
 
 def _per_prompt(value, count: int, name: str) -> list:

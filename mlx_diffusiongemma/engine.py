@@ -169,6 +169,7 @@ class Engine:
         self.max_batch, self.max_queue = max_batch, max_queue
         self.prefix = PrefixCache(prefix_cache_bytes)
         self.lanes: dict[DrafterConfig, _BatchLane] = {}
+        self._retired: tuple[int, float] = (0, 0.0)  # passes and their seconds in lanes since dropped
         self.solo = _SoloLane(self)
         self.active: set[Job] = set()
         self._lock = threading.Lock()
@@ -212,15 +213,19 @@ class Engine:
             job.emit(EngineStopped("the server shut down before the reply was complete"))
         return len(jobs)
 
-    def stats(self) -> dict[str, int]:
-        """Requests in progress (`running`: in a batch or the solo lane), `waiting`, and the prompt cache."""
+    def stats(self) -> dict[str, int | float]:
+        """Requests in progress (`running`: in a batch or the solo lane), `waiting`, the prompt cache, and the
+        batched decoder passes run so far with their seconds (a pass's cost, for telling a slower machine from
+        a server that queues more)."""
         with self._lock:
             active = len(self.active)
-        running = sum(len(lane.batch.engine.rows) for lane in list(self.lanes.values()))
-        running += self.solo.current is not None
+        engines = [lane.batch.engine for lane in list(self.lanes.values())]
+        running = sum(len(engine.rows) for engine in engines) + (self.solo.current is not None)
         return {"running": running, "waiting": max(active - running, 0),
                 "prefix_cache_entries": len(self.prefix.entries), "prefix_cache_bytes": self.prefix.bytes,
-                "prefix_cache_hits": self.prefix.hits}
+                "prefix_cache_hits": self.prefix.hits,
+                "decoder_passes": self._retired[0] + sum(e.passes for e in engines),
+                "decoder_seconds": round(self._retired[1] + sum(e.pass_seconds for e in engines), 4)}
 
     def submit(self, job: Job) -> None:
         with self._lock:
@@ -297,9 +302,12 @@ class Engine:
             self._take_inbox()
             busy = [lane for lane in [*self.lanes.values(), self.solo] if not lane.idle]
             if not busy:
-                self.lanes = {}  # an idle lane holds nothing worth keeping
-                mx.clear_cache()
-                self._wake.wait(0.5)
+                # Idle for half a second: let go of the lanes and MLX's buffer cache. Not at every moment the
+                # batch happens to be empty: under steady load that freed the buffers the next pass needs.
+                if not self._wake.wait(0.5):
+                    self._retire(list(self.lanes.values()))
+                    self.lanes = {}
+                    mx.clear_cache()
                 self._wake.clear()
                 continue
             for lane in busy:
@@ -319,4 +327,11 @@ class Engine:
         if lane is self.solo:
             self.solo = _SoloLane(self)
         else:
+            self._retire([lane])
             self.lanes = {k: v for k, v in self.lanes.items() if v is not lane}
+
+    def _retire(self, lanes: list[_BatchLane]) -> None:
+        """Keep the pass counts of lanes about to be dropped (`stats` reports the server's whole run)."""
+        for lane in lanes:
+            self._retired = (self._retired[0] + lane.batch.engine.passes,
+                             self._retired[1] + lane.batch.engine.pass_seconds)

@@ -230,3 +230,24 @@ def test_rows_repacked_when_their_spans_drift_apart(tiny, monkeypatch):
         assert got[i] == _alone(model, tokenizer, prompt, s, m), f"{name}, request {i}"
     joins = len(prompts) * len(model.layers)
     assert len(packs) > joins, "spans must have drifted apart and been repacked (beyond the joins' packs)"
+
+
+def test_stopping_at_a_draft_preview_loses_no_commit(tiny):
+    """A live view may stop reading a step at a draft preview (the pass's commits not yet handed out): the
+    next step commits those rows first, and every request still ends with its lone run's tokens."""
+    _, model, tokenizer = tiny
+    prompts = _prompts(4)[:3]
+    batch = BatchGenerator(model, tokenizer)
+    requests = [batch.submit(p, seed=s, max_tokens=16, draft_preview=True) for s, p in enumerate(prompts)]
+    tokens, ends, previews = {r: [] for r in requests}, {}, 0
+    while not batch.idle:
+        for request, response in batch.step():
+            if response.draft is not None:
+                previews += 1
+                break  # the rest of this step, its commits included, is left unread
+            tokens[request] += response.tokens
+            ends[request] = response.finish_reason
+    assert previews > 0 and sorted(ends) == requests
+    for s, (request, prompt) in enumerate(zip(requests, prompts)):
+        alone = list(stream_generate(model, tokenizer, prompt, seed=s, max_tokens=16))
+        assert tokens[request] == [t for r in alone for t in r.tokens]

@@ -59,7 +59,12 @@ def _raw_reply(messages: list[dict], seed: int, max_tokens: int = 72, **template
 
 def test_models_and_health(server, client):
     assert [m.id for m in client.models.list().data] == ["toy"]
-    assert server.health()["status"] == "ok"
+    before = server.health()
+    assert before["status"] == "ok"
+    client.chat.completions.create(model="toy", messages=_user("sort 70193"), seed=1)
+    after = server.health()  # the decoder passes the reply took, and their time
+    assert after["decoder_passes"] > before["decoder_passes"]
+    assert after["decoder_seconds"] > before["decoder_seconds"]
 
 
 def test_chat_answers_with_usage_and_the_seed_reproduces_it(client):
