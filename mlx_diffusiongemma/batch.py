@@ -208,8 +208,8 @@ class BatchDenoiser:
             return None
         if len(self.rows) == 1:
             return self.rows[0].sc
-        shape = (1, self.drafter.canvas_length, self.model.args.vocab_size)
-        return mx.concatenate([mx.zeros(shape, self.model.dtype) if row.sc is None else row.sc for row in self.rows])
+        some = next(row.sc for row in self.rows if row.sc is not None)  # (on split ranks, this rank's share of V)
+        return mx.concatenate([mx.zeros(some.shape, some.dtype) if row.sc is None else row.sc for row in self.rows])
 
     def step(self) -> Iterator[tuple[int, DenoiseEvent]]:
         """Admit what fits, run one decoder pass for every row, commit the rows whose canvas is done."""
@@ -227,8 +227,8 @@ class BatchDenoiser:
                                    softcap_kernel=self.backend.softcap)
         d = self.drafter
         for r, row in enumerate(self.rows):  # each row's own step of its own schedule, as a lone run takes it
-            row.x, row.argmax, row.sc, ent = draft_pass(logits[r : r + 1], row.n, d, row.noise, self.backend,
-                                                        self.model.dtype)
+            row.x, row.argmax, row.sc, ent = draft_pass(self.model, logits[r : r + 1], row.n, d, row.noise,
+                                                        self.backend)
             if d.adaptive_stop and row.n > 1:
                 row.stop, row.history = sampler.stop_test(row.argmax, row.history, ent, d.stability_threshold,
                                                           d.confidence_threshold)

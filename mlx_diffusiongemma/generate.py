@@ -67,20 +67,21 @@ def _pinned(canvas: mx.array, first: mx.array | None) -> mx.array:
     return canvas if first is None else mx.concatenate([first[:, None], canvas[:, 1:]], axis=1)
 
 
-def draft_pass(logits: mx.array, n: int, drafter: DrafterConfig, noise: NoiseSource, backend: Backend,
-               sc_dtype: mx.Dtype, first: mx.array | None = None):
-    """The sampler's half of denoising step `n` (counting down to 1) over one decoder pass's `[B, C, V]` logits.
+def draft_pass(model: Model, logits: mx.array, n: int, drafter: DrafterConfig, noise: NoiseSource,
+               backend: Backend, first: mx.array | None = None):
+    """The sampler's half of denoising step `n` (counting down to 1) over one decoder pass's logits.
 
     Returns `(next input, argmax, self-conditioning probs, entropy)`; on the last step only the argmax is
-    computed (it is committed) and the others are None, though that step's draws are still consumed.
+    computed (it is committed) and the others are None, though that step's draws are still consumed. The
+    re-noise ids span the model's vocabulary: on split ranks the logits hold only this rank's share of it.
     """
-    B, C, V = logits.shape
+    B, C, V = *logits.shape[:2], model.args.vocab_size
     temp = sampler.temperature(n, drafter.max_denoising_steps, drafter.t_min, drafter.t_max)
     if n == 1:
         noise.skip_categorical((B, C))
         noise.randint((B, C), V)
         return None, _pinned(backend.argmax(logits, temp), first), None, None
-    ent, total, argmax, probs, sc = backend.vocab_stats(logits, temp, sc_dtype)
+    ent, total, argmax, probs, sc = backend.vocab_stats(logits, temp, model.dtype)
     sample = noise.categorical(probs)
     x = _pinned(sampler.renoise(sample, _accept(drafter, ent, total), noise.randint((B, C), V)), first)
     return x, _pinned(argmax, first), sc, ent
@@ -103,7 +104,7 @@ def denoise_canvas(model: Model, cache, drafter: DrafterConfig, noise: NoiseSour
     done = mx.zeros((batch,), dtype=mx.bool_)
     for n in range(N, 0, -1):
         logits = model.decode(x, cache, self_conditioning_probs=sc, softcap_kernel=backend.softcap)
-        x_new, new_argmax, new_sc, ent = draft_pass(logits, n, drafter, noise, backend, model.dtype, first)
+        x_new, new_argmax, new_sc, ent = draft_pass(model, logits, n, drafter, noise, backend, first)
         if n == 1:
             argmax = mx.where(done[:, None], argmax, new_argmax) if drafter.adaptive_stop else new_argmax
             mx.eval(argmax)
