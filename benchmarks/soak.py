@@ -140,6 +140,7 @@ def toy_soak(args) -> dict:
         results: list[tuple[int, str, float]] = []
         rss: dict[str, float] = {}
         spans: list[float] = []  # when the first counted request started, when the last one ended
+        starts: dict[int, tuple[int, float]] = {}  # which request each counted one asked, when it started
 
         def extra(i: int) -> None:  # not counted: a prompt from the end of the list, never one counted
             one_request(url, -1 - i, prompts[-1 - i], stream=i % 2 == 1, hang_up=False)
@@ -147,7 +148,8 @@ def toy_soak(args) -> dict:
         passes: dict[str, dict] = {}  # the server's decoder pass counts around the two windows
 
         def snap(name: str) -> None:
-            passes[name] = client().get(url + "/health").json()
+            passes[name] = {**client().get(url + "/health").json(), "wall": time.perf_counter(),
+                            "clients' cpu": sum(os.times()[:2])}
 
         def run(i: int) -> None:
             if i == 0:
@@ -163,6 +165,7 @@ def toy_soak(args) -> dict:
             else:
                 outcome = one_request(url, j, prompt, stream=j % 2 == 1, hang_up=False)
             results.append((i, *outcome))
+            starts[i] = (j, time.perf_counter() - outcome[1])
             if len(results) == 50:
                 rss["after 50"] = rss_mb(proc.pid)
             if len(results) == window:
@@ -189,6 +192,10 @@ def toy_soak(args) -> dict:
         proc.terminate()
         code = proc.wait(60)
     results.sort()
+    if args.dump:
+        args.dump.write_text(json.dumps([{"i": i, "asks": starts[i][0], "outcome": what,
+                                          "start s": round(starts[i][1] - spans[0], 4), "seconds": round(t, 4)}
+                                         for i, what, t in results], indent=0))
     errors = [(i, what) for i, what, _ in results if what not in ("ok", "hung up")]
     done = [t for _, what, t in results if what == "ok"]
     first, last = statistics.median(done[:50]), statistics.median(done[-50:])
@@ -203,16 +210,24 @@ def toy_soak(args) -> dict:
 
 
 def pass_times(passes: dict[str, dict]) -> dict:
-    """The server's mean decoder pass (batch and sampler) while each window ran, and its change: a pass does
-    the same work in both (about `clients` rows), so this tells a slower machine from a server that
-    queues, leaks or fragments more as it runs."""
-    ms = {}
+    """What the server did while each window ran, from `/health`: its mean decoder pass (batch and sampler),
+    commit, prefill and hand-over, how much of the window's wall time those filled, and the CPU seconds of the
+    server and of the clients. Both windows ask the same work (a pass has about `clients` rows), so a change in
+    a unit cost is the machine's speed, and a change in the busy share or the count the server's state."""
+    out: dict[str, dict] = {}
     for window in ("first", "last"):
-        start, end = passes[f"{window} from"], passes[f"{window} to"]
-        n = end["decoder_passes"] - start["decoder_passes"]
-        ms[window] = 1000 * (end["decoder_seconds"] - start["decoder_seconds"]) / max(n, 1)
-    return {"decoder pass ms, first window": round(ms["first"], 2), "decoder pass ms, last window": round(ms["last"], 2),
-            "decoder pass change": f"{(ms['last'] / ms['first'] - 1) * 100:+.1f}%"}
+        a, b = passes[f"{window} from"], passes[f"{window} to"]
+        d = {k: b[k] - a[k] for k in b if isinstance(b[k], (int, float))}
+        wall = b["wall"] - a["wall"]
+        out[window] = {"wall s": round(wall, 2), "decoder passes": d["decoder_passes"],
+                       **{f"{what} ms": round(1000 * d[f"{what}_seconds"] / max(d[count], 1), 2)
+                          for what, count in (("decoder", "decoder_passes"), ("commit", "commits"),
+                                              ("prefill", "prefills"), ("handover", "handovers"))},
+                       "busy share": round(sum(d[f"{w}_seconds"] for w in ("decoder", "commit", "prefill", "handover"))
+                                           / wall, 3),
+                       "server CPU s": round(d["cpu_seconds"], 2), "clients' CPU s": round(d["clients' cpu"], 2)}
+    first, last = out["first"]["decoder ms"], out["last"]["decoder ms"]
+    return {"windows": out, "decoder pass change": f"{(last / first - 1) * 100:+.1f}%"}
 
 
 def medium_throughput(args) -> dict:
@@ -275,6 +290,7 @@ def main() -> None:
     parser.add_argument("--prompt-cache-mb", type=int, default=4,
                         help="the toy server's prompt cache bound (its default, 1 GB, would fill for ~13,000 requests)")
     parser.add_argument("--warm-up", type=int, default=8, help="toy requests sent first and not counted")
+    parser.add_argument("--dump", type=Path, help="write each counted toy request (start, latency) to this JSON file")
     parser.add_argument("--skip-medium", action="store_true")
     parser.add_argument("--skip-toy", action="store_true")
     parser.add_argument("--no-openblas", action="store_true")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import secrets
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +35,12 @@ from .generate import (
 from .generate import eos_ids as model_eos_ids  # (BatchDenoiser takes an `eos_ids` list)
 from .model import SLIDING, Model, ModelArgs
 from .noise import MLXNoise, NoiseSource
+
+
+# What a `BatchDenoiser` counts, with their seconds: decoder passes (the decoder and every row's sampler),
+# commits (a canvas encoded, one row each), prefills (a prompt, alone), hand-overs (a finished row's cache).
+TIMING = ("decoder_passes", "decoder_seconds", "commits", "commit_seconds", "prefills", "prefill_seconds",
+          "handovers", "handover_seconds")
 
 
 class MemoryBudgetError(DiffusionGemmaError):
@@ -121,8 +127,8 @@ class BatchDenoiser:
         self.finished: Callable[[int, list, list[int]], None] | None = None
         self.cancelled: set[int] = set()  # asked to stop, not yet removed
         self.dropped: list[int] = []  # removed after a cancel (the caller clears it)
-        self.passes = self.commit_passes = 0  # decoder passes run; canvases encoded (one row each)
-        self.pass_seconds = self.commit_seconds = 0.0  # their time (a pass: the decoder and every row's sampler)
+        # Every key from the start: another thread may read it while this one counts.
+        self.timing: Counter[str] = Counter(dict.fromkeys(TIMING, 0))
 
     def submit(self, ids: Sequence[int], noise: NoiseSource, max_tokens: int, *, start: list | None = None,
                cached: int = 0, drafts: bool = False) -> int:
@@ -191,7 +197,9 @@ class BatchDenoiser:
             yield row.id, DenoiseEvent("admit", ids, 0, 0)
             cache = row.start if row.start is not None else self.model.make_cache()
             # alone: exactly the unbatched prefill (a reused prefix holds what prefilling it would write)
+            tic = time.perf_counter()
             prefill(self.model, ids[:, row.cached :], cache, self.prefill_step)
+            self._count("prefills", "prefill_seconds", tic)
             row.start = None
             if self.prefilled is not None:
                 self.prefilled(row.id, cache)
@@ -234,7 +242,7 @@ class BatchDenoiser:
                                                           d.confidence_threshold)
             row.n, row.steps = row.n - 1, row.steps + 1
         mx.eval([a for row in self.rows for a in (row.x, row.argmax, row.sc, row.stop) if a is not None])
-        self.passes, self.pass_seconds = self.passes + 1, self.pass_seconds + time.perf_counter() - tic
+        self._count("decoder_passes", "decoder_seconds", tic)
         for row in self.rows:
             if row.drafts:
                 yield row.id, DenoiseEvent("draft", row.argmax, row.canvases, row.steps)
@@ -280,15 +288,21 @@ class BatchDenoiser:
         for layer, view in zip(self.cache, views):
             layer.put_row(r, view)
         mx.eval([c.keys for c in self.cache] + [c.values for c in self.cache])
-        self.commit_passes, self.commit_seconds = self.commit_passes + 1, self.commit_seconds + time.perf_counter() - tic
+        self._count("commits", "commit_seconds", tic)
+
+    def _count(self, what: str, seconds: str, tic: float) -> None:
+        self.timing[what] += 1
+        self.timing[seconds] += time.perf_counter() - tic
 
     def _hand_over(self, r: int, row: _Row, tail: list[int]) -> None:
         """Hand `finished` a cache of row r's own, with the reply's `tail` (its last canvas, never encoded in
         the batch) encoded into it, and the ids it holds."""
+        tic = time.perf_counter()
         cache = [layer.row_view(r) for layer in self.cache]
         if tail:
             self.model.encode(mx.array([tail]), cache)
             mx.eval([c.keys for c in cache] + [c.values for c in cache])
+        self._count("handovers", "handover_seconds", tic)
         self.finished(row.id, cache, [*row.ids, *(row.encoded or []), *tail])
 
 

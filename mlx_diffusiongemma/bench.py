@@ -266,14 +266,14 @@ def run_batch(model: Model, drafter, prompt_tokens: int | list[int], canvases: i
             elif event.kind == "commit" and event.canvas + 1 == canvases:
                 latencies.append(now - tic)
             estimate = max(estimate, engine.batch_bytes())
-    wall = time.perf_counter() - tic
+    wall, timing = time.perf_counter() - tic, engine.timing
     latencies.sort()
     return BatchResult(
         aggregate_tps=batch * canvases * C / wall,
         latency_s=statistics.median(latencies),
         max_latency_s=latencies[-1],
-        ms_per_step=1000 * (wall - prefill_s - engine.commit_seconds) / max(engine.passes, 1),
-        ms_per_commit=1000 * engine.commit_seconds / max(engine.commit_passes, 1),
+        ms_per_step=1000 * (wall - prefill_s - timing["commit_seconds"]) / max(timing["decoder_passes"], 1),
+        ms_per_commit=1000 * timing["commit_seconds"] / max(timing["commits"], 1),
         prefill_s=prefill_s,
         rows_per_expert=batch * C * model.args.top_k_experts / model.args.num_experts,
         peak_memory_gb=mx.get_peak_memory() / 1e9,

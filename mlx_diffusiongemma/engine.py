@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections import deque
+import time
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,7 +21,7 @@ from typing import Any
 import mlx.core as mx
 from mlx_lm.generate import wired_limit
 
-from .batch import BatchGenerator
+from .batch import TIMING, BatchGenerator
 from .drafter import DrafterConfig
 from .generate import GenerationResponse, stream_generate
 from .cache import PromptCache
@@ -169,7 +170,7 @@ class Engine:
         self.max_batch, self.max_queue = max_batch, max_queue
         self.prefix = PrefixCache(prefix_cache_bytes)
         self.lanes: dict[DrafterConfig, _BatchLane] = {}
-        self._retired: tuple[int, float] = (0, 0.0)  # passes and their seconds in lanes since dropped
+        self._retired: Counter[str] = Counter(dict.fromkeys(TIMING, 0))  # the timing of lanes since dropped (`BatchDenoiser.timing`)
         self.solo = _SoloLane(self)
         self.active: set[Job] = set()
         self._lock = threading.Lock()
@@ -214,18 +215,18 @@ class Engine:
         return len(jobs)
 
     def stats(self) -> dict[str, int | float]:
-        """Requests in progress (`running`: in a batch or the solo lane), `waiting`, the prompt cache, and the
-        batched decoder passes run so far with their seconds (a pass's cost, for telling a slower machine from
-        a server that queues more)."""
+        """Requests in progress (`running`: in a batch or the solo lane), `waiting`, the prompt cache, what the
+        batches ran so far with its seconds (decoder passes, commits, prefills, hand-overs: their cost tells a
+        slower machine from a server that queues more) and the process's CPU seconds."""
         with self._lock:
             active = len(self.active)
         engines = [lane.batch.engine for lane in list(self.lanes.values())]
         running = sum(len(engine.rows) for engine in engines) + (self.solo.current is not None)
+        timing = sum((e.timing for e in engines), Counter(self._retired))
         return {"running": running, "waiting": max(active - running, 0),
                 "prefix_cache_entries": len(self.prefix.entries), "prefix_cache_bytes": self.prefix.bytes,
                 "prefix_cache_hits": self.prefix.hits,
-                "decoder_passes": self._retired[0] + sum(e.passes for e in engines),
-                "decoder_seconds": round(self._retired[1] + sum(e.pass_seconds for e in engines), 4)}
+                **{k: round(timing[k], 4) for k in TIMING}, "cpu_seconds": round(time.process_time(), 3)}
 
     def submit(self, job: Job) -> None:
         with self._lock:
@@ -331,7 +332,6 @@ class Engine:
             self.lanes = {k: v for k, v in self.lanes.items() if v is not lane}
 
     def _retire(self, lanes: list[_BatchLane]) -> None:
-        """Keep the pass counts of lanes about to be dropped (`stats` reports the server's whole run)."""
+        """Keep the timing of lanes about to be dropped (`stats` reports the server's whole run)."""
         for lane in lanes:
-            self._retired = (self._retired[0] + lane.batch.engine.passes,
-                             self._retired[1] + lane.batch.engine.pass_seconds)
+            self._retired.update(lane.batch.engine.timing)

@@ -62,9 +62,10 @@ def test_models_and_health(server, client):
     before = server.health()
     assert before["status"] == "ok"
     client.chat.completions.create(model="toy", messages=_user("sort 70193"), seed=1)
-    after = server.health()  # the decoder passes the reply took, and their time
-    assert after["decoder_passes"] > before["decoder_passes"]
-    assert after["decoder_seconds"] > before["decoder_seconds"]
+    after = server.health()  # the work the reply took, and its time
+    for what in ("decoder_passes", "decoder_seconds", "prefills", "prefill_seconds", "handovers", "cpu_seconds"):
+        assert after[what] > before[what], what
+    assert after["commits"] >= before["commits"] and after["commit_seconds"] >= before["commit_seconds"]
 
 
 def test_chat_answers_with_usage_and_the_seed_reproduces_it(client):
