@@ -140,10 +140,13 @@ def toy_soak(args) -> dict:
         results: list[tuple[int, str, float]] = []
         rss: dict[str, float] = {}
         spans: list[float] = []  # when the first counted request started, when the last one ended
-        starts: dict[int, tuple[int, float]] = {}  # which request each counted one asked, when it started
+        timeline: list[tuple] = []  # every request: (counted?, index, which prompt it asked, start, seconds, outcome)
 
         def extra(i: int) -> None:  # not counted: a prompt from the end of the list, never one counted
-            one_request(url, -1 - i, prompts[-1 - i], stream=i % 2 == 1, hang_up=False)
+            what, t = one_request(url, 10**6 + i, prompts[-1 - i], stream=i % 2 == 1, hang_up=False)
+            if what != "ok":  # they keep the load steady around the windows: one that fails does not
+                raise SystemExit(f"uncounted request {i} failed: {what}")
+            timeline.append(("uncounted", i, -1 - i, time.perf_counter() - t, t, what))
 
         passes: dict[str, dict] = {}  # the server's decoder pass counts around the two windows
 
@@ -165,7 +168,7 @@ def toy_soak(args) -> dict:
             else:
                 outcome = one_request(url, j, prompt, stream=j % 2 == 1, hang_up=False)
             results.append((i, *outcome))
-            starts[i] = (j, time.perf_counter() - outcome[1])
+            timeline.append(("counted", i, j, time.perf_counter() - outcome[1], outcome[1], outcome[0]))
             if len(results) == 50:
                 rss["after 50"] = rss_mb(proc.pid)
             if len(results) == window:
@@ -193,9 +196,10 @@ def toy_soak(args) -> dict:
         code = proc.wait(60)
     results.sort()
     if args.dump:
-        args.dump.write_text(json.dumps([{"i": i, "asks": starts[i][0], "outcome": what,
-                                          "start s": round(starts[i][1] - spans[0], 4), "seconds": round(t, 4)}
-                                         for i, what, t in results], indent=0))
+        t0 = min(start for _, _, _, start, _, _ in timeline)
+        args.dump.write_text(json.dumps([
+            {"kind": kind, "i": i, "asks": j, "start s": round(start - t0, 4), "seconds": round(t, 4), "outcome": what}
+            for kind, i, j, start, t, what in sorted(timeline, key=lambda r: r[3])], indent=0))
     errors = [(i, what) for i, what, _ in results if what not in ("ok", "hung up")]
     done = [t for _, what, t in results if what == "ok"]
     first, last = statistics.median(done[:50]), statistics.median(done[-50:])
@@ -290,7 +294,7 @@ def main() -> None:
     parser.add_argument("--prompt-cache-mb", type=int, default=4,
                         help="the toy server's prompt cache bound (its default, 1 GB, would fill for ~13,000 requests)")
     parser.add_argument("--warm-up", type=int, default=8, help="toy requests sent first and not counted")
-    parser.add_argument("--dump", type=Path, help="write each counted toy request (start, latency) to this JSON file")
+    parser.add_argument("--dump", type=Path, help="write every toy request's start and latency (warm-up included) to this JSON file")
     parser.add_argument("--skip-medium", action="store_true")
     parser.add_argument("--skip-toy", action="store_true")
     parser.add_argument("--no-openblas", action="store_true")
