@@ -170,7 +170,7 @@ class Engine:
         self.max_batch, self.max_queue = max_batch, max_queue
         self.prefix = PrefixCache(prefix_cache_bytes)
         self.lanes: dict[DrafterConfig, _BatchLane] = {}
-        self._retired: Counter[str] = Counter(dict.fromkeys(TIMING, 0))  # the timing of lanes since dropped (`BatchDenoiser.timing`)
+        self._retired: Counter[str] = Counter(dict.fromkeys(TIMING, 0))  # what dropped lanes ran (their `timing`)
         self.solo = _SoloLane(self)
         self.active: set[Job] = set()
         self._lock = threading.Lock()
