@@ -294,7 +294,8 @@ def main() -> None:
     parser.add_argument("--prompt-cache-mb", type=int, default=4,
                         help="the toy server's prompt cache bound (its default, 1 GB, would fill for ~13,000 requests)")
     parser.add_argument("--warm-up", type=int, default=8, help="toy requests sent first and not counted")
-    parser.add_argument("--dump", type=Path, help="write every toy request's start and latency (warm-up included) to this JSON file")
+    parser.add_argument("--dump", type=Path,
+                        help="write every toy request's start and latency (warm-up included) to this JSON file")
     parser.add_argument("--skip-medium", action="store_true")
     parser.add_argument("--skip-toy", action="store_true")
     parser.add_argument("--no-openblas", action="store_true")
