@@ -2,15 +2,15 @@
 
     pip install -e '.[test]'      # transformers + torch write the initial HF checkpoint
 
-then the sixteen commands of README's "Toy model and demo" section are the stages that made
+then the seventeen commands of README's "Toy model and demo" section are the stages that made
 `mlx_diffusiongemma/toy_model/` (its `metrics.json` records each one's command, time and final losses; the
 first two ran before `--data` existed, with the one-turn data `single` now names). The first learns sort and
-sudoku; addition needs the second, weighted to it, to leave its plateau. The last fourteen (v2) teach
+sudoku; addition needs the second, weighted to it, to leave its plateau. The last fifteen (v2) teach
 conversations (`dialogues.py`): 1-4 earlier turns, Gemma 4's thinking channel, and calls to a declared
 calculator tool, with the encoder's next-token loss over every reply in the context; the sixth widens the
 sliding window to 64 and gives thinking and tools half the dialogues each; the seventh and eighth teach the
 operands as an addition's thought, sized to fill one canvas; stages 9-12 lean to thinking and sudoku, and
-the next two, longer, to all of it and (the second) to tool calls; the last two give a sudoku a
+the next two, longer, to all of it and (the second) to tool calls; the last three give a sudoku a
 one-canvas thought (its blanks per row) and lean tool calls to operands with leading zeros.
 Under `mlx.launch -n N` each process trains on its share of the batch and the gradients are averaged: MLX's
 CPU backend runs a process's ops on one core, so this is how both cores of this machine help.
