@@ -14,8 +14,8 @@ hang-ups), so the first and the last 50 completed ones ask the same work. It rep
 first and the last 50 completed requests, what the server did in each window (from `/health`: the mean cost
 of a decoder pass, commit, prefill and hand-over, its busy share and CPU seconds; a decoder pass is the same
 work in both, so its change is the machine's speed, not the server's state), the latency change net of that
-(a derived figure), and the server's resident memory after the first 50 requests and at the end. Targets: no unintended error, last-50 median
-within 10% of first-50, RSS growth under 5%. The server's prompt cache is bounded at `--prompt-cache-mb` (4):
+(a derived figure), and the server's resident memory after the first 50 requests and at the end. Targets: no
+unintended error, last-50 median within 10% of first-50, RSS growth under 5%. The server's prompt cache is bounded at `--prompt-cache-mb` (4):
 each toy request stores about 80 KB of prefixes, so it is full by about the 50th request and then evicts (the
 repeated requests find their first run's prefixes gone); at the default bound (1 GB) it would still be
 filling, legitimately, at the end, and RSS growth would measure the fill rather than a leak.
@@ -141,7 +141,7 @@ def toy_soak(args) -> dict:
         results: list[tuple[int, str, float]] = []
         rss: dict[str, float] = {}
         spans: list[float] = []  # when the first counted request started, when the last one ended
-        timeline: list[tuple] = []  # every request: (counted?, index, which prompt it asked, start, seconds, outcome)
+        timeline: list[tuple] = []  # every request: (kind, index, which prompt it asked, start, seconds, outcome)
 
         def extra(i: int) -> None:  # not counted: a prompt from the end of the list, never one counted
             what, t = one_request(url, 10**6 + i, prompts[-1 - i], stream=i % 2 == 1, hang_up=False)
