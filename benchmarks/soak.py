@@ -15,10 +15,11 @@ first and the last 50 completed requests, what the server did in each window (fr
 of a decoder pass, commit, prefill and hand-over, its busy share and CPU seconds; a decoder pass is the same
 work in both, so its change is the machine's speed, not the server's state), the latency change net of that
 (a derived figure), and the server's resident memory after the first 50 requests and at the end. Targets: no
-unintended error, last-50 median within 10% of first-50, RSS growth under 5%. The server's prompt cache is bounded at `--prompt-cache-mb` (4):
-each toy request stores about 80 KB of prefixes, so it is full by about the 50th request and then evicts (the
-repeated requests find their first run's prefixes gone); at the default bound (1 GB) it would still be
-filling, legitimately, at the end, and RSS growth would measure the fill rather than a leak.
+unintended error, last-50 median within 10% of first-50, RSS growth under 5%. The server's prompt cache is
+bounded at `--prompt-cache-mb` (4): each toy request stores about 80 KB of prefixes, so it is full by about
+the 50th request and then evicts (the repeated requests find their first run's prefixes gone); at the default
+bound (1 GB) it would still be filling, legitimately, at the end, and RSS growth would measure the fill rather
+than a leak.
 
 Medium throughput: the server's app and engine in this process (uvicorn in a thread, still loopback HTTP) over
 the random "medium" geometry (fp32; hidden 512, 6 layers, 16 experts, vocab 32000, canvas 256) with a fixed
